@@ -1,0 +1,142 @@
+"""The one place where the model chooses between Triton kernels and PyTorch references.
+
+Modes (config `model.kernels`, or `with dispatch.mode("reference"):` for comparisons):
+  auto       Triton for CUDA tensors when Triton imports and the kernel supports the inputs;
+             the reference otherwise (CPU, no Triton, unsupported shape or dtype).
+  triton     always Triton (on CPU tensors this needs TRITON_INTERPRET=1); errors if missing.
+  reference  always the PyTorch reference.
+
+Each Triton module (kernels/<name>/triton_*.py) exposes the same functions as its reference
+plus `supports(*tensors) -> bool`. A module that is not there yet simply means "reference".
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from kernels.attention import reference as attention_ref
+from kernels.cross_entropy import reference as ce_ref
+from kernels.layernorm import reference as ln_ref
+from kernels.routed_ffn import reference as ffn_ref
+
+MODES = ("auto", "triton", "reference")
+_mode = os.environ.get("MEGATRON_STYLE_KERNELS", "auto")
+
+# function name -> module that holds its Triton implementation
+_TRITON_MODULES = {
+    "varlen_attention": "kernels.attention.triton_attention",
+    "grouped_linear": "kernels.routed_ffn.triton_grouped",
+    "grouped_layer_norm": "kernels.routed_ffn.triton_grouped",
+    "layer_norm": "kernels.layernorm.triton_layernorm",
+    "add_layer_norm": "kernels.layernorm.triton_layernorm",
+    "masked_token_loss": "kernels.cross_entropy.triton_cross_entropy",
+}
+_loaded: dict[str, object] = {}
+
+
+def set_mode(m: str) -> None:
+    global _mode
+    if m not in MODES:
+        raise ValueError(f"kernel mode {m!r} is not one of {MODES}")
+    _mode = m
+
+
+def get_mode() -> str:
+    return _mode
+
+
+@contextlib.contextmanager
+def mode(m: str) -> Iterator[None]:
+    old = _mode
+    set_mode(m)
+    try:
+        yield
+    finally:
+        set_mode(old)
+
+
+def _triton_module(fn: str):
+    name = _TRITON_MODULES[fn]
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(name)
+        except ImportError as e:
+            _loaded[name] = e
+    return _loaded[name]
+
+
+def _pick(fn: str, *tensors: torch.Tensor):
+    """The Triton module to use for `fn` on these inputs, or None for the reference."""
+    if _mode == "reference":
+        return None
+    mod = _triton_module(fn)
+    if _mode == "triton":
+        if isinstance(mod, Exception):
+            raise RuntimeError(f"kernel mode 'triton' asked for {fn}, but its Triton module "
+                               f"could not be imported: {mod}")
+        return mod
+    if isinstance(mod, Exception) or not all(t.is_cuda for t in tensors):
+        return None
+    supports = getattr(mod, "supports", None)
+    if supports is not None and not supports(fn, *tensors):
+        return None
+    return mod
+
+
+def triton_available(fn: str) -> bool:
+    return not isinstance(_triton_module(fn), Exception)
+
+
+# --- the entry points the model calls ---------------------------------------------------------
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, scale: Optional[float] = None) -> torch.Tensor:
+    mod = _pick("varlen_attention", q)
+    impl = attention_ref if mod is None else mod
+    return impl.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def padded_attention(q, k, v, key_padding_mask=None, scale=None) -> torch.Tensor:
+    # The padded layout exists for parity with the reference implementation; SDPA serves it.
+    return attention_ref.padded_attention(q, k, v, key_padding_mask, scale)
+
+
+def grouped_linear(x: torch.Tensor, counts: Sequence[int], weights, biases,
+                   activation: Optional[str] = None) -> torch.Tensor:
+    mod = _pick("grouped_linear", x)
+    impl = ffn_ref if mod is None else mod
+    return impl.grouped_linear(x, counts, weights, biases, activation)
+
+
+def grouped_layer_norm(x: torch.Tensor, counts: Sequence[int], weights, biases,
+                       eps: float) -> torch.Tensor:
+    mod = _pick("grouped_layer_norm", x)
+    impl = ffn_ref if mod is None else mod
+    return impl.grouped_layer_norm(x, counts, weights, biases, eps)
+
+
+def grouped_add_bias(x: torch.Tensor, counts: Sequence[int], biases) -> torch.Tensor:
+    return ffn_ref.grouped_add_bias(x, counts, biases)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    mod = _pick("layer_norm", x)
+    impl = ln_ref if mod is None else mod
+    return impl.layer_norm(x, weight, bias, eps)
+
+
+def add_layer_norm(x, residual, weight, bias, eps):
+    mod = _pick("add_layer_norm", x)
+    impl = ln_ref if mod is None else mod
+    return impl.add_layer_norm(x, residual, weight, bias, eps)
+
+
+def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mod = _pick("masked_token_loss", hidden)
+    impl = ce_ref if mod is None else mod
+    return impl.masked_token_loss(hidden, weight, bias, targets)

@@ -1,0 +1,147 @@
+"""Import and export of the released BEiT-3 checkpoint layout (microsoft/torchscale's BEiT3).
+
+Released files hold {"model": state_dict} with keys such as
+    beit3.encoder.layers.3.self_attn.q_proj.B.weight
+where A is the vision way and B the language way. They map onto the `decoupled` model:
+    beit3.layers.3.attn.q_proj.1.weight
+The prediction heads are not part of torchscale; we write them as `mlm_head.*` (text) and
+`mim_head.*` (visual tokens) beside the `beit3.*` keys, and read files with or without them.
+Export after import reproduces every tensor exactly.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping, Union
+
+import torch
+import torch.nn as nn
+
+# Released name <-> our name. {n}: layer, {p}: projection, {t}: weight/bias,
+# {W}: released way letter (A vision, B language) <-> {w}: our way index (0, 1).
+_RULES: list[tuple[str, str]] = [
+    ("text_embed.weight", "text_embed.weight"),
+    ("vision_embed.proj.{t}", "vision_embed.proj.{t}"),
+    ("vision_embed.cls_token", "vision_embed.cls_token"),
+    ("vision_embed.mask_token", "vision_embed.mask_token"),
+    ("encoder.embed_positions.A.weight", "pos_vision.weight"),
+    ("encoder.embed_positions.B.weight", "pos_text.weight"),
+    ("encoder.layers.{n}.self_attn.{p}_proj.{W}.{t}", "layers.{n}.attn.{p}_proj.{w}.{t}"),
+    ("encoder.layers.{n}.self_attn.inner_attn_ln.{W}.{t}", "layers.{n}.attn.inner_norm.{w}.{t}"),
+    ("encoder.layers.{n}.self_attn_layer_norm.{W}.{t}", "layers.{n}.attn.norm.{w}.{t}"),
+    ("encoder.layers.{n}.ffn.{W}.{f}.{t}", "layers.{n}.ffn.experts.{w}.{f}.{t}"),
+    ("encoder.layers.{n}.ffn.{W}.ffn_layernorm.{t}", "layers.{n}.ffn.experts.{w}.ffn_norm.{t}"),
+    ("encoder.layers.{n}.final_layer_norm.{W}.{t}", "layers.{n}.ffn.experts.{w}.norm.{t}"),
+    ("encoder.layer_norm.{W}.{t}", "final_norm.{w}.{t}"),
+]
+_FIELDS = {"n": r"\d+", "p": "q|k|v|out", "t": "weight|bias", "f": "fc1|fc2", "W": "A|B", "w": "0|1"}
+_HEADS = {"mlm_head": "text_head", "mim_head": "image_head"}
+
+
+def _regex(template: str) -> "re.Pattern[str]":
+    out = re.escape(template)
+    for name, alt in _FIELDS.items():
+        out = out.replace(re.escape("{" + name + "}"), f"(?P<{name}>{alt})")
+    return re.compile(out)
+
+
+_COMPILED = [(_regex(a), a, _regex(b), b) for a, b in _RULES]
+
+
+def _translate(key: str, to_ours: bool) -> Union[str, None]:
+    for rel_re, rel_t, our_re, our_t in _COMPILED:
+        m = (rel_re if to_ours else our_re).fullmatch(key)
+        if m:
+            g = m.groupdict()
+            if "W" in g:
+                g["w"] = str("AB".index(g["W"]))
+            if "w" in g:
+                g["W"] = "AB"[int(g["w"])]
+            return (our_t if to_ours else rel_t).format(**g)
+    return None
+
+
+def _to_ours(key: str) -> Union[str, None]:
+    return _translate(key, to_ours=True)
+
+
+def _to_released(key: str) -> Union[str, None]:
+    return _translate(key, to_ours=False)
+
+
+def _unwrap(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for k in ("model", "module", "state_dict"):
+        if k in sd and isinstance(sd[k], Mapping):
+            return dict(sd[k])
+    return dict(sd)
+
+
+def released_to_ours(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map a released state dict to our names (`beit3.` prefix kept on encoder keys, heads
+    renamed). Returns (mapped, keys that matched no rule)."""
+    sd = _unwrap(sd)
+    out, unknown = {}, []
+    for k, v in sd.items():
+        head = k.split(".", 1)
+        if head[0] in _HEADS and len(head) == 2:
+            out[f"{_HEADS[head[0]]}.{head[1]}"] = v
+            continue
+        body = k[len("beit3."):] if k.startswith("beit3.") else k
+        ours = _to_ours(body)
+        if ours is None:
+            unknown.append(k)
+        else:
+            out[f"beit3.{ours}"] = v
+    return out, unknown
+
+
+def load_released_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor],
+                             require_heads: bool = False) -> None:
+    """Load a released-layout state dict into a `decoupled` MaskedDataModel (or a bare
+    MultiwayTransformer). Raises ValueError listing missing, unexpected and mis-shaped keys."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.attention != "decoupled":
+        raise ValueError(f"the released layout has per-modality attention; build the model with "
+                         f"model.attention=decoupled (got {cfg.attention!r})")
+    mapped, unknown = released_to_ours(sd)
+    bare = not hasattr(model, "beit3")
+    if bare:
+        mapped = {k[len("beit3."):]: v for k, v in mapped.items() if k.startswith("beit3.")}
+    own = model.state_dict()
+    optional = set() if require_heads or bare else {k for k in own if k.split(".")[0] in _HEADS.values()}
+    missing = sorted(k for k in own if k not in mapped and k not in optional)
+    unexpected = sorted(unknown + [k for k in mapped if k not in own])
+    shapes = sorted(f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                    for k, v in mapped.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        lines = ["the checkpoint does not fit this model:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+                lines.append(f"  {title} ({len(items)}): {shown}")
+        raise ValueError("\n".join(lines))
+    with torch.no_grad():
+        for k, v in mapped.items():
+            own[k].copy_(v)
+
+
+def export_released_state_dict(model: nn.Module, with_heads: bool = True) -> dict[str, torch.Tensor]:
+    """Our decoupled model's weights in the released layout (keys `beit3.*`, `mlm_head.*`,
+    `mim_head.*`). Wrap as {"model": ...} to write a file the BEiT-3 fine-tuning code reads."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.attention != "decoupled":
+        raise ValueError("only the decoupled layout has a released-checkpoint equivalent")
+    back_heads = {v: k for k, v in _HEADS.items()}
+    out = {}
+    bare = not hasattr(model, "beit3")
+    for k, v in model.state_dict().items():
+        first, rest = k.split(".", 1)
+        if not bare and first in back_heads:
+            if with_heads:
+                out[f"{back_heads[first]}.{rest}"] = v
+            continue
+        body = k if bare else rest
+        rel = _to_released(body)
+        if rel is None:
+            raise ValueError(f"no released-layout name for parameter {k}")
+        out[f"beit3.{rel}"] = v
+    return out

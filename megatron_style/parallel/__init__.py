@@ -1,0 +1,1 @@
+"""Tensor parallelism (Megatron style) for the Multiway Transformer."""
