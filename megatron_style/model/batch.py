@@ -80,6 +80,9 @@ class Sample:
     text: Optional[torch.Tensor] = None           # [L] long input ids (masked ones replaced)
     text_mask: Optional[torch.Tensor] = None      # [L] bool, True = token hidden
     text_targets: Optional[torch.Tensor] = None   # [L] long original ids
+    # The same crop at the visual tokenizer's resolution (e.g. 256px for VQ-KD's patch 16 when
+    # the model uses patch 14 at 224px), when it differs from the model's input.
+    tokenizer_image: Optional[torch.Tensor] = None
     source: str = ""                              # shard/key, for logs about bad batches
 
     @property
@@ -116,6 +119,11 @@ class PackedBatch:
     text_targets: torch.Tensor         # [Mt] long
     text_target_stream: torch.Tensor   # [Mt] long: S_TEXT or S_PAIR_TEXT
     sources: list[str] = field(default_factory=list)
+    # Images for the visual tokenizer when they differ from `images` (see Sample).
+    tokenizer_images: Optional[torch.Tensor] = None
+    # True while the visual targets still have to be computed by the visual tokenizer, which
+    # runs on the training device (VQ-KD is a ViT-B): see `with_image_targets`.
+    image_targets_pending: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -149,6 +157,17 @@ class PackedBatch:
             out[f.name] = v
         return PackedBatch(**out)
 
+    def with_image_targets(self, per_patch: torch.Tensor) -> "PackedBatch":
+        """Fill the visual targets from the tokenizer's output for every patch of every image
+        ([n_img, P] ids or [n_img, P, patch_dim] pixels): the hidden patches' rows are kept,
+        in the order of `image_target_pos`."""
+        n, P = self.image_mask.shape
+        if tuple(per_patch.shape[:2]) != (n, P):
+            raise ValueError(f"visual tokenizer output has shape {tuple(per_patch.shape)}, "
+                             f"expected ({n}, {P}, ...) for {n} images of {P} patches")
+        targets = per_patch[self.image_mask]
+        return dataclasses.replace(self, image_targets=targets, image_targets_pending=False)
+
     def validate(self, cfg: ModelConfig) -> None:
         """Check shapes and packing metadata; raise ValueError naming what is wrong.
         Value checks that need the data are done when the tensors are on the CPU."""
@@ -169,6 +188,8 @@ def pack_samples(samples: Sequence[Sample], cfg: ModelConfig) -> PackedBatch:
     txt_tpos, txt_tstream, txt_tlist = [], [], []
     n_text_total = 0
     offset = 0
+    tok_images: list[torch.Tensor] = []
+    pending = False
     image_targets_are_pixels = None
     # Text rows are appended after all image rows in the source table; their base is known
     # only at the end, so record text rows relative and shift them afterwards.
@@ -189,15 +210,18 @@ def pack_samples(samples: Sequence[Sample], cfg: ModelConfig) -> PackedBatch:
             token_source.append(torch.arange(j * n_img_tok, (j + 1) * n_img_tok))
             token_mod.append(torch.full((n_img_tok,), VISION))
             hidden = mask.nonzero().squeeze(1)
+            if s.tokenizer_image is not None:
+                tok_images.append(s.tokenizer_image)
             if hidden.numel():
                 if s.image_targets is None:
-                    raise ValueError(f"sample {s_idx}: image has hidden patches but no image_targets")
-                pix = s.image_targets.dtype.is_floating_point
-                if image_targets_are_pixels is None:
-                    image_targets_are_pixels = pix
-                elif image_targets_are_pixels != pix:
-                    raise ValueError("a batch mixes visual-token and pixel targets")
-                img_tlist.append(s.image_targets[hidden])
+                    pending = True
+                else:
+                    pix = s.image_targets.dtype.is_floating_point
+                    if image_targets_are_pixels is None:
+                        image_targets_are_pixels = pix
+                    elif image_targets_are_pixels != pix:
+                        raise ValueError("a batch mixes visual-token and pixel targets")
+                    img_tlist.append(s.image_targets[hidden])
                 img_tpos.append(start + 1 + hidden)
                 img_tstream.append(torch.full((hidden.numel(),),
                                               S_PAIR_IMAGE if is_pair else S_IMAGE))
@@ -226,6 +250,10 @@ def pack_samples(samples: Sequence[Sample], cfg: ModelConfig) -> PackedBatch:
         token_pair.append(torch.full((length,), is_pair, dtype=torch.bool))
 
     n_img = len(images)
+    if pending and img_tlist:
+        raise ValueError("some images come with visual targets and some without")
+    if tok_images and len(tok_images) != n_img:
+        raise ValueError("some images come with a tokenizer_image and some without")
     src = torch.cat(token_source)
     src = torch.where(src < 0, n_img * n_img_tok + (-1 - src), src)
     modality = torch.cat(token_mod)
@@ -263,6 +291,8 @@ def pack_samples(samples: Sequence[Sample], cfg: ModelConfig) -> PackedBatch:
         text_targets=cat_or(txt_tlist, empty_long),
         text_target_stream=cat_or(txt_tstream, empty_long),
         sources=[s.source for s in samples],
+        tokenizer_images=torch.stack(tok_images) if tok_images else None,
+        image_targets_pending=pending,
     )
 
 
@@ -295,6 +325,9 @@ def validate_packed(b: PackedBatch, cfg: ModelConfig) -> None:
         if len(r.counts) != n or sum(r.counts) != T or r.perm.shape != (T,):
             raise ValueError(f"inconsistent packing: {name} counts {r.counts} do not cover the "
                              f"{T} tokens with {n} experts")
+    if b.image_targets_pending:
+        raise ValueError("the visual targets of this batch have not been computed yet: run the "
+                         "visual tokenizer and batch.with_image_targets(...) before the model")
     if b.image_target_pos.shape[0] != b.image_targets.shape[0]:
         raise ValueError("inconsistent packing: image_target_pos and image_targets differ in length")
     if b.text_target_pos.shape[0] != b.text_targets.shape[0]:
