@@ -73,13 +73,15 @@ def _pick(fn: str, *tensors: torch.Tensor):
     """The Triton module to use for `fn` on these inputs, or None for the reference."""
     if _mode == "reference":
         return None
+    if _mode == "auto" and not all(t.is_cuda for t in tensors):
+        return None  # decided before importing: Triton modules are only loaded when usable
     mod = _triton_module(fn)
     if _mode == "triton":
         if isinstance(mod, Exception):
             raise RuntimeError(f"kernel mode 'triton' asked for {fn}, but its Triton module "
                                f"could not be imported: {mod}")
         return mod
-    if isinstance(mod, Exception) or not all(t.is_cuda for t in tensors):
+    if isinstance(mod, Exception):
         return None
     supports = getattr(mod, "supports", None)
     if supports is not None and not supports(fn, *tensors):

@@ -1,0 +1,1 @@
+"""Data: shards, streams, tokenizers, masking, the demo generator, and packing into batches."""
