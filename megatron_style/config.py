@@ -198,12 +198,32 @@ class TokenizerConfig:
     visual: Literal["kmeans", "vqkd", "pixels"] = "kmeans"
     visual_model: str = ""
     cache_dir: str = "~/.cache/megatron_style"
+    # Text ids: "xlmr" = HF XLMRobertaTokenizer's fairseq scheme of the released beit3.spm
+    # (<s>=0 <pad>=1 </s>=2 <unk>=3, pieces shifted by 1, <mask> last); "spm" = the model's own
+    # ids with <mask> appended; "auto" = xlmr when the model is laid out like XLM-R's.
+    text_id_scheme: Literal["auto", "xlmr", "spm"] = "auto"
+    # Demo data only: size of the SentencePiece model and number of generated images the
+    # k-means visual tokenizer is trained on (both trained at first use, then cached).
+    demo_text_vocab_size: int = 256
+    demo_kmeans_images: int = 2000
+
+    def validate(self, key: str) -> None:
+        _check(self.visual != "vqkd" or bool(self.visual_model), f"{key}.visual_model",
+               "visual: vqkd needs the path of a VQ-KD checkpoint (BEiT v2's "
+               "vqkd_encoder_base_decoder_*.pth)")
+        _check(self.demo_text_vocab_size >= 64, f"{key}.demo_text_vocab_size",
+               f"must be >= 64, got {self.demo_text_vocab_size}")
+        _check(self.demo_kmeans_images >= 1, f"{key}.demo_kmeans_images",
+               f"must be >= 1, got {self.demo_kmeans_images}")
 
 
 @dataclass
 class DataConfig:
-    # "demo": the procedural shapes-and-captions generator; "shards": webdataset tar shards.
-    source: Literal["demo", "shards"] = "demo"
+    # "demo": the procedural shapes-and-captions generator; "shards": webdataset tar shards;
+    # "synthetic": random tensors with random targets (throughput and memory measurements).
+    source: Literal["demo", "shards", "synthetic"] = "demo"
+    # Text length of synthetic texts and pairs (tokens).
+    synthetic_text_len: int = 64
     image: StreamConfig = field(default_factory=StreamConfig)
     text: StreamConfig = field(default_factory=StreamConfig)
     pair: StreamConfig = field(default_factory=lambda: StreamConfig(flip=False))
@@ -212,7 +232,12 @@ class DataConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     num_workers: int = 2
+    # Samples are shuffled in windows of this many per loader worker and stream (1 or 0: in
+    # shard order); the windows make the reader's position exactly resumable.
     shuffle_buffer: int = 1000
+    # Shards: false = epochs (every sample once per epoch, shard order reshuffled each epoch);
+    # true = each loader worker draws shards at random with replacement, forever.
+    resampled: bool = False
     # Random-resized-crop scale range and optional colour jitter strength (0 = off).
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     color_jitter: float = 0.0
@@ -222,6 +247,18 @@ class DataConfig:
 
     def stream_weights(self) -> dict[str, float]:
         return {s: getattr(self, s).weight for s in STREAMS}
+
+    def stream_counts(self) -> dict[str, int]:
+        """Samples of each stream in one micro-batch: micro_batch_size split by the weights
+        (largest remainder, ties to the earlier stream), the same for every micro-batch."""
+        w = self.stream_weights()
+        total = sum(w.values())
+        exact = {s: self.micro_batch_size * w[s] / total for s in STREAMS}
+        counts = {s: int(exact[s]) for s in STREAMS}
+        left = self.micro_batch_size - sum(counts.values())
+        for s in sorted(STREAMS, key=lambda s: (-(exact[s] - counts[s]), STREAMS.index(s)))[:left]:
+            counts[s] += 1
+        return counts
 
     def validate(self, key: str = "data") -> None:
         _check(self.micro_batch_size >= 1, f"{key}.micro_batch_size",
@@ -247,6 +284,7 @@ class DataConfig:
                f"must be in [0, 1], got {self.color_jitter}")
         _check(self.eval_samples >= 0, f"{key}.eval_samples", f"must be >= 0, got {self.eval_samples}")
         self.masking.validate(f"{key}.masking")
+        self.tokenizer.validate(f"{key}.tokenizer")
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +399,9 @@ class PretrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)
     steps: int = 1000
+    # End this invocation after this step (with a checkpoint) without changing the schedule,
+    # e.g. to fit a time-limited allocation; 0 = run to `steps`.
+    stop_at_step: int = 0
     seed: int = 0
     # Run the held-out image-vs-swapped-image evaluation at the end (demo data only).
     eval_at_end: bool = True
@@ -368,6 +409,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _check(self.stop_at_step >= 0, "stop_at_step", f"must be >= 0 (0 = off), got {self.stop_at_step}")
         self.model.validate("model")
         self.data.validate("data")
         self.optim.validate("optim")

@@ -1,0 +1,1 @@
+"""Pretraining on DeepSpeed: entry point, engine, loop, checkpoints, metrics, evaluation."""

@@ -1,0 +1,69 @@
+"""Rank and world from whichever launcher started us, and the process group.
+
+deepspeed / torchrun set RANK, WORLD_SIZE, LOCAL_RANK (MASTER_ADDR/PORT too). Under Slurm's
+srun only SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID exist; cluster/pretrain.sh exports
+MASTER_ADDR and MASTER_PORT. A plain `python -m ...` is a world of one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str
+
+
+def read_env() -> DistEnv:
+    e = os.environ
+    if "RANK" in e and "WORLD_SIZE" in e:
+        world = int(e["WORLD_SIZE"])
+        return DistEnv(int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)),
+                       int(e.get("LOCAL_WORLD_SIZE", world)), "torchrun/deepspeed")
+    if "SLURM_PROCID" in e and "SLURM_NTASKS" in e:
+        world = int(e["SLURM_NTASKS"])
+        nodes = int(e.get("SLURM_JOB_NUM_NODES", e.get("SLURM_NNODES", 1)))
+        return DistEnv(int(e["SLURM_PROCID"]), world, int(e.get("SLURM_LOCALID", 0)),
+                       max(1, world // max(1, nodes)), "slurm")
+    if "OMPI_COMM_WORLD_RANK" in e:
+        world = int(e["OMPI_COMM_WORLD_SIZE"])
+        return DistEnv(int(e["OMPI_COMM_WORLD_RANK"]), world,
+                       int(e.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+                       int(e.get("OMPI_COMM_WORLD_LOCAL_SIZE", world)), "mpi")
+    return DistEnv(0, 1, 0, 1, "single")
+
+
+def init_distributed(env: DistEnv) -> torch.device:
+    """Export the standard variables, pick the device, start the process group through
+    DeepSpeed (NCCL on CUDA, gloo on CPU)."""
+    import logging
+
+    import deepspeed
+
+    # DeepSpeed logs every engine detail at INFO on every rank; our own lines say what matters.
+    if os.environ.get("BEIT3_DEEPSPEED_LOG", "warning") == "warning":
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+
+    os.environ.setdefault("RANK", str(env.rank))
+    os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+        # Ranks on one CPU host share its cores; oversubscribing threads slows everyone down.
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               auto_mpi_discovery=False)
+    return device

@@ -1,0 +1,58 @@
+"""Loss guards: non-finite losses skip their step (all ranks agree); too many in a row stop the
+run; a loss far above its running mean is reported with the batch's sources."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from megatron_style.config import GuardConfig
+
+
+class TooManyNonFinite(RuntimeError):
+    """Raised after `max_nonfinite_in_a_row` skipped steps; the last good state is saved."""
+
+
+@dataclass
+class LossGuard:
+    cfg: GuardConfig
+    skipped_total: int = 0
+    skipped_in_a_row: int = 0
+    spikes: int = 0
+    recent: deque = field(default_factory=deque)
+
+    def check(self, step: int, loss: float, finite: bool) -> Optional[str]:
+        """Record one step. Returns a spike message when `loss` is far above the running mean;
+        raises TooManyNonFinite when non-finite losses keep coming."""
+        if not finite:
+            self.skipped_total += 1
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row >= self.cfg.max_nonfinite_in_a_row:
+                raise TooManyNonFinite(
+                    f"step {step}: {self.skipped_in_a_row} non-finite losses in a row "
+                    f"(guards.max_nonfinite_in_a_row={self.cfg.max_nonfinite_in_a_row}); stopping. "
+                    "The checkpoint holds the last good state; lower optim.lr, check the data "
+                    "sources logged above, or use bf16/fp32 instead of fp16.")
+            return None
+        self.skipped_in_a_row = 0
+        message = None
+        if len(self.recent) >= max(2, self.cfg.spike_window // 4):
+            mean = sum(self.recent) / len(self.recent)
+            if loss > self.cfg.spike_factor * mean:
+                self.spikes += 1
+                message = (f"loss spike at step {step}: {loss:.4f} is more than "
+                           f"{self.cfg.spike_factor}x the running mean {mean:.4f}")
+        self.recent.append(loss)
+        while len(self.recent) > self.cfg.spike_window:
+            self.recent.popleft()
+        return message
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_total": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row,
+                "spikes": self.spikes, "recent": list(self.recent)}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.skipped_total = s["skipped_total"]
+        self.skipped_in_a_row = s["skipped_in_a_row"]
+        self.spikes = s["spikes"]
+        self.recent = deque(s["recent"])

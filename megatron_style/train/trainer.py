@@ -1,0 +1,335 @@
+"""The training loop: batches in, DeepSpeed steps, metrics, guards, checkpoints, preemption.
+
+One step = grad_accum micro-batches on every data-parallel rank:
+    batch (CPU, packed by the loader) -> device -> visual targets (frozen tokenizer, on device)
+    -> model (masked data modeling loss) -> engine.backward -> engine.step
+Before the step's last engine.step() the ranks exchange one small tensor (non-finite flag,
+loss, preemption flag), so every rank takes the same decision: apply the update, or skip it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_style.config import PretrainConfig, dump_yaml
+from megatron_style.model.batch import TARGET_STREAMS, PackedBatch
+from megatron_style.model.pretraining import MaskedDataModel
+from megatron_style.train import checkpointing
+from megatron_style.train.engine import base_optimizer, build_engine, set_learning_rate
+from megatron_style.train.guards import LossGuard, TooManyNonFinite
+from megatron_style.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
+from megatron_style.train.schedule import learning_rate
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 1, 2, 3, 75
+# Test hook: comma-separated steps (1-based) whose loss is replaced by NaN on every rank.
+INJECT_NAN_ENV = "BEIT3_INJECT_NAN_STEPS"
+
+
+class Preemption:
+    """SIGUSR1 (Slurm's warning signal) or SIGTERM: finish the step, save, exit 75."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self._setup_parallel()
+        # Same seed everywhere for the weights (DeepSpeed also broadcasts them), then a
+        # per-data-parallel-rank seed for drop path and other randomness of the step.
+        torch.manual_seed(cfg.seed)
+        self.model = MaskedDataModel(cfg.model, self.tp)
+        if cfg.checkpoint.init_from:
+            from megatron_style.train.export import load_model_file
+            load_model_file(self.model, cfg.checkpoint.init_from)
+        torch.manual_seed(cfg.seed + 1000 * self.dp_rank + 1)
+        if cfg.parallel.activation_checkpointing:
+            self.model.beit3.checkpoint_fn = _checkpoint_block
+        self.engine, self.optimizer = build_engine(self.model, cfg, device, self.mpu)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+            cfg.parallel.precision]
+        self.visual_tokenizer = self._build_visual_tokenizer()
+        self.loader = self._build_loader()
+        self.guard = LossGuard(cfg.guards)
+        self.preemption = Preemption()
+        self.step = 0
+        self._flops_fn = _flops_function(self.model)
+
+    # ---- setup ----------------------------------------------------------------------------
+    def _setup_parallel(self) -> None:
+        if self.cfg.parallel.tensor > 1:
+            from megatron_style.parallel.state import build_parallel_state
+            ps = build_parallel_state(self.cfg.parallel.tensor)
+            self.tp, self.mpu = ps.tp_group, ps
+            self.dp_rank, self.dp_world, self.dp_group = ps.dp_rank, ps.dp_size, ps.dp_group
+        else:
+            self.tp, self.mpu = None, None
+            self.dp_rank, self.dp_world, self.dp_group = self.rank, self.world, None
+
+    def _build_visual_tokenizer(self):
+        if self.cfg.data.source == "synthetic":
+            return None  # synthetic batches carry their targets
+        from megatron_style.data.visual_tokenizers import build_visual_tokenizer
+        tok = build_visual_tokenizer(self.cfg)
+        return tok.to(self.device).eval().requires_grad_(False)
+
+    def _build_loader(self):
+        if self.cfg.data.source == "synthetic":
+            from megatron_style.data.synthetic_loader import SyntheticLoader
+            return SyntheticLoader(self.cfg, self.dp_rank, self.dp_world)
+        from megatron_style.data.loader import build_train_loader
+        from megatron_style.data.processor import SampleProcessor
+        from megatron_style.data.text_tokenizer import build_text_tokenizer
+        self.text_tokenizer = build_text_tokenizer(self.cfg)
+        processor = SampleProcessor(self.cfg, self.text_tokenizer)
+        return build_train_loader(self.cfg, self.dp_rank, self.dp_world, processor)
+
+    # ---- batches --------------------------------------------------------------------------
+    def prepare(self, batch: PackedBatch) -> PackedBatch:
+        """Move to the device, cast images to the training precision, fill visual targets."""
+        b = batch.to(self.device, non_blocking=True)
+        if b.image_targets_pending:
+            with torch.no_grad():
+                tok_in = b.tokenizer_images if b.tokenizer_images is not None else b.images
+                b = b.with_image_targets(self.visual_tokenizer(b.images, tok_in))
+        b.images = b.images.to(self.dtype)
+        if b.image_targets.dtype.is_floating_point:
+            b.image_targets = b.image_targets.to(self.dtype)
+        return b
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def resume(self) -> Optional[str]:
+        found = checkpointing.resolve_resume(self.cfg.checkpoint.resume, self.cfg.checkpoint.dir)
+        if found is None:
+            return None
+        load_dir, tag = found
+        client, rank_state = checkpointing.load(self.engine, load_dir, tag)
+        self.step = int(client["step"])
+        self.guard.load_state_dict(client["guard"])
+        if rank_state is not None:
+            self.loader.load_state_dict(rank_state["loader"])
+        else:
+            self._log(f"checkpoint {tag} was written by a different number of ranks: the data "
+                      "position is re-derived from the step count")
+            if hasattr(self.loader, "reshard_state"):
+                self.loader.load_state_dict(self.loader.reshard_state(load_dir, tag, self.step))
+        return os.path.join(load_dir, tag)
+
+    def save(self) -> str:
+        client = {"step": self.step, "guard": self.guard.state_dict(),
+                  "config": dump_yaml(self.cfg), "world_size": self.world}
+        tag = checkpointing.save(self.engine, self.cfg.checkpoint.dir, self.step, client,
+                                 {"loader": self.loader.state_dict()}, self.cfg.checkpoint.keep_last)
+        return os.path.join(self.cfg.checkpoint.dir, tag)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def train(self) -> int:
+        cfg = self.cfg
+        resumed = self.resume()
+        self.metrics = MetricsLogger(cfg.logging, self.rank == 0, cfg.steps, self.step)
+        self._print_startup(resumed)
+        if self.step >= cfg.steps:
+            self._log(f"the checkpoint is already at step {self.step} of {cfg.steps}: nothing to train")
+            self.metrics.close()
+            return EXIT_OK
+        inject = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
+        it = iter(self.loader)
+        acc = _Accumulator(self.device)
+        t_last, steps_since = time.perf_counter(), 0
+        exit_code = EXIT_OK
+        peak = device_peak_tflops(self.device, cfg.logging.peak_tflops)
+        gas = cfg.parallel.grad_accum
+        last = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.steps
+        try:
+            while self.step < last:
+                lr = learning_rate(self.step, cfg.steps, cfg.optim)
+                set_learning_rate(base_optimizer(self.optimizer), lr)
+                sources: list[str] = []
+                step_loss = torch.zeros(3, dtype=torch.float64)  # loss sum, micro count, bad
+                for micro in range(gas):
+                    cpu_batch = next(it)
+                    sources.extend(cpu_batch.sources)
+                    b = self.prepare(cpu_batch)
+                    out = self.engine(b)
+                    loss = out.loss
+                    if self.step + 1 in inject:
+                        loss = loss * float("nan")
+                    finite = bool(torch.isfinite(loss.detach()).item())
+                    step_loss += torch.tensor([loss.item() if finite else 0.0, 1.0, 0.0 if finite else 1.0],
+                                              dtype=torch.float64)
+                    acc.add(out.stats, b, self._flops_fn)
+                    self.engine.backward(loss)
+                    if micro == gas - 1:
+                        decision = self._agree(step_loss)
+                        if decision["bad"]:
+                            base_optimizer(self.optimizer).skip_next = True
+                    self.engine.step()
+                self.step += 1
+                steps_since += 1
+                if steps_since == 1 and not hasattr(self, "_first_step_reported"):
+                    self._first_step_reported = True
+                    self._report_first_step(acc)
+                spike = self.guard.check(self.step, decision["loss"], not decision["bad"])
+                if decision["bad"]:
+                    self._log(f"step {self.step}: non-finite loss on {int(decision['bad_ranks'])} "
+                              f"rank(s); update skipped ({self.guard.skipped_total} so far)")
+                if spike:
+                    self._report_spike(spike, sources)
+                if self.step % cfg.logging.every_steps == 0 or self.step == cfg.steps:
+                    now = time.perf_counter()
+                    self._log_metrics(acc, now - t_last, steps_since, lr, peak, decision)
+                    acc = _Accumulator(self.device)
+                    t_last, steps_since = now, 0
+                self.metrics.advance()
+                if decision["preempt"]:
+                    path = self.save()
+                    self._log(f"preemption signal: saved {path} at step {self.step}; exiting "
+                              f"with {EXIT_PREEMPTED} so the job is requeued")
+                    exit_code = EXIT_PREEMPTED
+                    break
+                if self.step % cfg.checkpoint.every_steps == 0 and self.step < last:
+                    self.save()
+            else:
+                path = self.save()
+                done = "finished" if self.step >= cfg.steps else "stopped (stop_at_step) after"
+                self._log(f"{done} {self.step} of {cfg.steps} steps; checkpoint {path}")
+        except TooManyNonFinite as e:
+            self._log(f"ERROR: {e}")
+            path = self.save()
+            self._log(f"saved the last good state to {path}")
+            exit_code = EXIT_NONFINITE
+        finally:
+            self.metrics.close()
+        return exit_code
+
+    def _report_first_step(self, acc: "_Accumulator") -> None:
+        """Tokens and FLOPs of one whole step, measured on the first one (all ranks)."""
+        t = acc.counts.clone().to(self.device)
+        dist.all_reduce(t, group=self.dp_group)
+        samples, tokens, flops = (float(x) for x in t)
+        self._log(f"per step: {samples:.0f} samples, {tokens:,.0f} tokens"
+                  + (f", {flops / 1e12:.4g} TFLOP (model FLOPs, forward + backward)" if flops else ""))
+
+    def _agree(self, step_loss: torch.Tensor) -> dict[str, Any]:
+        """One all-reduce so all ranks agree on: any non-finite loss, the mean loss, preemption."""
+        t = torch.tensor([step_loss[0], step_loss[1], step_loss[2], float(self.preemption.requested)],
+                         dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        good_micro = t[1] - t[2]
+        return {"bad": bool(t[2] > 0), "bad_ranks": float(t[2]),
+                "loss": float(t[0] / good_micro) if good_micro > 0 else float("nan"),
+                "preempt": bool(t[3] > 0)}
+
+    def _report_spike(self, message: str, sources: list[str]) -> None:
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, sources[:64])
+        if self.rank == 0:
+            flat = [s for part in gathered for s in part]
+            shards = sorted({s.rsplit("/", 1)[0] for s in flat})
+            self._log(f"WARNING: {message}; batch sources (shards): {', '.join(shards[:20])}"
+                      f"{' ...' if len(shards) > 20 else ''}")
+            self.metrics.add_text("guards/loss_spike", f"{message}\n\n" + "\n".join(flat[:200]), self.step)
+
+    def _log_metrics(self, acc: "_Accumulator", elapsed: float, steps: int, lr: float,
+                     peak: Optional[float], decision: dict[str, Any]) -> None:
+        totals = acc.reduce(self.dp_group)
+        scalars: dict[str, float] = {"loss": decision["loss"], "lr": lr}
+        for i, name in enumerate(TARGET_STREAMS):
+            n = float(totals["stats"][i, 1])
+            if n > 0:
+                scalars[f"loss/{name}"] = float(totals["stats"][i, 0]) / n
+                scalars[f"acc/{name}"] = float(totals["stats"][i, 2]) / n
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None and math.isfinite(float(gn)):
+            scalars["grad_norm"] = float(gn)
+        if self.cfg.parallel.precision == "fp16":
+            scalars["loss_scale"] = float(getattr(self.optimizer, "cur_scale", getattr(self.optimizer, "loss_scale", 0.0)))
+        scalars["throughput/samples_per_s"] = totals["samples"] / elapsed
+        scalars["throughput/tokens_per_s"] = totals["tokens"] / elapsed
+        scalars["time/step_s"] = elapsed / max(1, steps)
+        scalars["time/eta_s"] = scalars["time/step_s"] * (self.cfg.steps - self.step)
+        if totals["flops"] > 0:
+            # Model FLOPs (6 x params used per token + attention); TP ranks share one replica.
+            tflops_per_device = totals["flops"] / elapsed / 1e12 / (self.world / self.dp_world) / self.dp_world
+            scalars["perf/tflops_per_device"] = tflops_per_device
+            if peak:
+                scalars["perf/mfu"] = tflops_per_device / peak
+        scalars["memory/peak_gib"] = peak_memory_gib(self.device)
+        scalars["guards/skipped_steps"] = float(self.guard.skipped_total)
+        bad = getattr(self.loader, "bad_sample_counts", lambda: {})()
+        for reason, n in bad.items():
+            scalars[f"data/skipped/{reason}"] = float(n)
+        self.metrics.log_step(self.step, scalars)
+
+    def _print_startup(self, resumed: Optional[str]) -> None:
+        if self.rank != 0:
+            return
+        from megatron_style.model.batch import KIND_NAMES
+        n_params = sum(p.numel() for p in self.model.parameters()) * (self.world // self.dp_world)
+        counts = self.cfg.data.stream_counts()
+        micro = self.cfg.data.micro_batch_size
+        per_step = micro * self.cfg.parallel.grad_accum * self.dp_world
+        lines = [
+            f"megatron_style pretraining: {self.world} rank(s) ({self.dp_world} data-parallel x "
+            f"{self.world // self.dp_world} tensor-parallel), device {self.device}, "
+            f"{self.cfg.parallel.precision}, ZeRO-{self.cfg.parallel.zero_stage}",
+            f"model: {n_params / 1e6:.1f}M parameters ({self.cfg.model.layers} layers, dim "
+            f"{self.cfg.model.dim}, {self.cfg.model.attention} attention, {self.cfg.model.vl_layers} VL layers)",
+            f"batch: {per_step} samples per step ({', '.join(f'{counts[k]} {k}' for k in KIND_NAMES)} "
+            f"per micro-batch x {self.cfg.parallel.grad_accum} accumulation x {self.dp_world} ranks)",
+        ]
+        lines.append(f"resumed from {resumed} at step {self.step}" if resumed else "starting from scratch")
+        for line in lines:
+            self._log(line)
+
+    def _log(self, msg: str) -> None:
+        if self.rank == 0:
+            (self.metrics.info if hasattr(self, "metrics") else print)(msg)
+
+
+class _Accumulator:
+    """Per-stream loss/accuracy statistics and work done since the last log line (this rank)."""
+
+    def __init__(self, device: torch.device):
+        self.stats = torch.zeros(len(TARGET_STREAMS), 3, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(3, dtype=torch.float64)  # samples, tokens, flops
+
+    def add(self, stats: torch.Tensor, b: PackedBatch, flops_fn) -> None:
+        self.stats += stats.double()
+        self.counts += torch.tensor([b.num_samples, b.num_tokens, flops_fn(b) if flops_fn else 0.0],
+                                    dtype=torch.float64)
+
+    def reduce(self, group) -> dict[str, Any]:
+        t = torch.cat([self.stats.flatten(), self.counts.to(self.stats.device)])
+        dist.all_reduce(t, group=group)
+        s = t[:-3].view_as(self.stats).cpu()
+        samples, tokens, flops = (float(x) for x in t[-3:])
+        return {"stats": s, "samples": samples, "tokens": tokens, "flops": flops}
+
+
+def _checkpoint_block(block, x, layout):
+    return torch.utils.checkpoint.checkpoint(block, x, layout, use_reentrant=False)
+
+
+def _flops_function(model: MaskedDataModel):
+    """Training FLOPs of a batch, counted from the built model (None if unavailable)."""
+    try:
+        from megatron_style.model.flops import batch_flops
+    except ImportError:
+        return None
+    return lambda b: batch_flops(model, b)
