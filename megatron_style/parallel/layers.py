@@ -6,8 +6,9 @@ order on every rank, and then each rank keeps its slice: a TP=2 model starts fro
 weights of the TP=1 model built with the same seed.
 
 Every sharded parameter is tagged (`tensor_model_parallel`, `partition_dim`) the way Megatron
-and DeepSpeed expect, so that gradient-norm clipping counts it once and checkpoint converters
-know how to merge it.
+and DeepSpeed expect, so that gradient-norm clipping counts replicated parameters once and
+checkpoint converters know how to merge it. Tags are set only when the layer is really split
+(TP size > 1); `convert.py` builds a meta-device model at the target TP degree to read them.
 """
 from __future__ import annotations
 
@@ -50,9 +51,14 @@ def init_trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
     return nn.init.trunc_normal_(t, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
 
-def _mark(p: nn.Parameter, dim: Optional[int]) -> nn.Parameter:
-    p.tensor_model_parallel = dim is not None
-    p.partition_dim = -1 if dim is None else dim
+def _mark(p: nn.Parameter, dim: Optional[int], tp: Optional[TPGroup]) -> nn.Parameter:
+    """Tag `p` as split along `dim` when it really is split (tensor-parallel size > 1).
+    Without a TP group a layer holds the whole tensor and is tagged replicated: DeepSpeed
+    counts untagged-as-split parameters once per TP group in the gradient norm, so a layer
+    deliberately kept whole inside a TP model (the pixel-regression head) must not be tagged."""
+    split = dim is not None and tp_size(tp) > 1
+    p.tensor_model_parallel = split
+    p.partition_dim = dim if split else -1
     p.partition_stride = 1
     return p
 
@@ -67,9 +73,13 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.tp, self.gather_output = tp, gather_output
         self.start, self.end = shard_range(out_features, tp)
+        if gather_output and out_features % tp_size(tp):
+            # all_gather needs equal slices; vocabulary heads (uneven) never gather anyway.
+            raise ValueError(f"gather_output needs out_features ({out_features}) divisible by "
+                             f"the tensor-parallel size {tp_size(tp)}")
         full = init_trunc_normal_(torch.empty(out_features, in_features), init_std) * init_scale
-        self.weight = _mark(nn.Parameter(full[self.start:self.end].clone()), 0)
-        self.bias = _mark(nn.Parameter(torch.zeros(self.end - self.start)), 0) if bias else None
+        self.weight = _mark(nn.Parameter(full[self.start:self.end].clone()), 0, tp)
+        self.bias = _mark(nn.Parameter(torch.zeros(self.end - self.start)), 0, tp) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(copy_to_tp(x, self.tp), self.weight, self.bias)
@@ -90,8 +100,8 @@ class RowParallelLinear(nn.Module):
         local = even_shard(in_features, tp, "input features of a row-parallel linear")
         self.start, self.end = tp_rank(tp) * local, (tp_rank(tp) + 1) * local
         full = init_trunc_normal_(torch.empty(out_features, in_features), init_std) * init_scale
-        self.weight = _mark(nn.Parameter(full[:, self.start:self.end].clone()), 1)
-        self.bias = _mark(nn.Parameter(torch.zeros(out_features)), None) if bias else None
+        self.weight = _mark(nn.Parameter(full[:, self.start:self.end].clone()), 1, tp)
+        self.bias = _mark(nn.Parameter(torch.zeros(out_features)), None, tp) if bias else None
 
     def forward_partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial product, before the cross-rank sum and without the bias."""
@@ -115,7 +125,7 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim, self.tp = num_embeddings, embedding_dim, tp
         self.start, self.end = shard_range(num_embeddings, tp)
         full = init_trunc_normal_(torch.empty(num_embeddings, embedding_dim), init_std)
-        self.weight = _mark(nn.Parameter(full[self.start:self.end].clone()), 0)
+        self.weight = _mark(nn.Parameter(full[self.start:self.end].clone()), 0, tp)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if tp_size(self.tp) == 1:
@@ -141,8 +151,8 @@ class ShardedLayerNorm(nn.Module):
         super().__init__()
         self.full_dim, self.eps, self.tp = full_dim, eps, tp
         local = even_shard(full_dim, tp, "features of a sharded LayerNorm")
-        self.weight = _mark(nn.Parameter(torch.ones(local)), 0)
-        self.bias = _mark(nn.Parameter(torch.zeros(local)), 0)
+        self.weight = _mark(nn.Parameter(torch.ones(local)), 0, tp)
+        self.bias = _mark(nn.Parameter(torch.zeros(local)), 0, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tp_size(self.tp) == 1:
