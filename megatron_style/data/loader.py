@@ -1,0 +1,271 @@
+"""The training data loader: micro-batches of packed samples from three streams, resumable.
+
+    loader = build_train_loader(cfg, dp_rank, dp_world, processor)
+    loader.load_state_dict(saved)        # on resume, before iterating
+    it = iter(loader)
+    batch = next(it)                     # a PackedBatch with cfg.data.micro_batch_size samples
+    saved = loader.state_dict()          # what the trainer has consumed, for the checkpoint
+    loader.bad_sample_counts()           # {"bad_image": 3, ...} cumulative on this rank
+
+Each DataLoader worker is a *logical worker* w of W (W = max(1, num_workers)) that builds whole
+PackedBatches: for every stream it takes that stream's fixed share of the micro-batch from its
+own reader (streams.py), runs the processor (augment / tokenize / mask) and packs.
+
+Why the state is exact: every batch carries its worker's reader positions and bad-data counts as
+they are right after that batch. The main process keeps, per worker, the state carried by the
+last batch the trainer took, so prefetched batches never count. Torch hands out batches of an
+infinite IterableDataset round-robin from worker 0; on resume, physical worker p plays logical
+worker (p + consumed) mod W, so the next batch comes from the worker whose turn it was.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from megatron_style.config import STREAMS, ConfigError, PretrainConfig
+from megatron_style.data.bad_data import BadDataCounter, sum_counts
+from megatron_style.data.errors import BadSample
+from megatron_style.data.raw import RawSample
+from megatron_style.data.shards import check_data_paths, shard_list_digest
+from megatron_style.data.streams import DemoStream, ShardStream
+from megatron_style.model.batch import PackedBatch, Sample, pack_samples
+
+STATE_VERSION = 1
+#: A stream that gives this many bad samples in a row is broken, not unlucky: stop with an error.
+MAX_BAD_IN_A_ROW = 10_000
+
+Processor = Callable[[RawSample, np.random.Generator], Sample]
+DemoGet = Callable[[str, int], RawSample]
+
+
+@dataclasses.dataclass
+class LoaderPlan:
+    """Everything that fixes the sample sequence of one rank; saved with the state so that a
+    resume with different settings is refused rather than silently repeating or skipping."""
+
+    source: str
+    dp_rank: int
+    dp_world: int
+    num_workers: int            # logical workers W (>= 1)
+    counts: dict[str, int]      # samples per stream per micro-batch
+    seed: int
+    window: int
+    resampled: bool
+    urls: dict[str, list[str]]  # shards of each active stream (empty for demo)
+
+    def describe(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("source", "dp_rank", "dp_world", "num_workers",
+                                           "counts", "seed")}
+        if self.source == "shards":
+            d.update(window=self.window, resampled=self.resampled,
+                     shards={s: [len(u), shard_list_digest(u)] for s, u in self.urls.items()})
+        return d
+
+
+def good_samples(stream: str, items: Iterator, processor: Processor,
+                 bad: BadDataCounter) -> Iterator[Sample]:
+    """Processed samples of one stream's reader items; bad ones are counted and skipped."""
+    bad_in_a_row = 0
+    for raw, key in items:
+        try:
+            if isinstance(raw, BadSample):
+                raise raw
+            sample = processor(raw, np.random.default_rng(key))
+        except BadSample as e:
+            bad.add(e.reason, str(e))
+            bad_in_a_row += 1
+            if bad_in_a_row >= MAX_BAD_IN_A_ROW:
+                raise RuntimeError(f"stream {stream!r}: {bad_in_a_row} bad samples in a row "
+                                   f"(last: {e}); bad data so far: {bad.as_dict()}") from None
+            continue
+        bad_in_a_row = 0
+        if not sample.source:
+            sample.source = raw.source
+        yield sample
+
+
+class BatchMaker:
+    """One logical worker: readers for the active streams, the processor, packing."""
+
+    def __init__(self, plan: LoaderPlan, worker: int, processor: Processor, model_cfg,
+                 demo: Optional[DemoGet], state: Optional[dict[str, Any]] = None) -> None:
+        st = state or {}
+        self.plan, self.worker, self.processor, self.model_cfg = plan, worker, processor, model_cfg
+        self.batches = int(st.get("batches", 0))
+        reader = plan.dp_rank * plan.num_workers + worker
+        num_readers = plan.dp_world * plan.num_workers
+        self.bad = BadDataCounter(st.get("bad"), where=f"rank {plan.dp_rank} worker {worker}")
+        self.readers: dict[str, Any] = {}
+        self._iters: dict[str, Iterator] = {}
+        for s in STREAMS:
+            if plan.counts[s] == 0:
+                continue
+            s_state = st.get("streams", {}).get(s)
+            if plan.source == "demo":
+                if demo is None:
+                    raise ValueError("data.source demo needs the demo generator")
+                r = DemoStream(s, demo, reader, num_readers, plan.seed, s_state)
+            else:
+                r = ShardStream(s, plan.urls[s], reader, num_readers, plan.seed, plan.window,
+                                plan.resampled, self.bad, s_state)
+            self.readers[s] = r
+            self._iters[s] = iter(r)
+        self._good = {s: good_samples(s, it, processor, self.bad) for s, it in self._iters.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches, "bad": self.bad.as_dict(),
+                "streams": {s: r.state_dict() for s, r in self.readers.items()}}
+
+    def _take(self, stream: str) -> Sample:
+        sample = next(self._good[stream], None)
+        if sample is None:
+            raise RuntimeError(f"stream {stream!r} ended; the training loader reads forever "
+                               "(this is a bug)")
+        return sample
+
+    def next_batch(self) -> PackedBatch:
+        samples = [self._take(s) for s in STREAMS for _ in range(self.plan.counts[s])]
+        self.batches += 1
+        return pack_samples(samples, self.model_cfg)
+
+
+class _WorkerBatches(IterableDataset):
+    """What each DataLoader worker runs: (PackedBatch, its worker's state after it), forever."""
+
+    def __init__(self, plan: LoaderPlan, processor: Processor, model_cfg, demo: Optional[DemoGet],
+                 states: list[Optional[dict]], offset: int) -> None:
+        super().__init__()
+        self.plan, self.processor, self.model_cfg, self.demo = plan, processor, model_cfg, demo
+        self.states, self.offset = states, offset
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        W = self.plan.num_workers
+        worker = (physical + self.offset) % W
+        maker = BatchMaker(self.plan, worker, self.processor, self.model_cfg, self.demo,
+                           self.states[worker])
+        while True:
+            batch = maker.next_batch()
+            yield batch, {"worker": worker, "state": maker.state_dict()}
+
+
+def _as_is(x):
+    return x
+
+
+class TrainLoader:
+    """An iterable of PackedBatch micro-batches for one data-parallel rank; see module doc."""
+
+    def __init__(self, cfg: PretrainConfig, plan: LoaderPlan, processor: Processor,
+                 demo: Optional[DemoGet] = None) -> None:
+        self.cfg, self.plan, self.processor, self.demo = cfg, plan, processor, demo
+        self._states: list[Optional[dict]] = [None] * plan.num_workers
+        self._consumed = 0
+        self._generation = 0
+
+    @property
+    def samples_per_batch(self) -> int:
+        return sum(self.plan.counts.values())
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        self._generation += 1
+        W = self.plan.num_workers
+        ds = _WorkerBatches(self.plan, self.processor, self.cfg.model, self.demo,
+                            list(self._states), self._consumed % W)
+        dl = DataLoader(ds, batch_size=None, collate_fn=_as_is,
+                        num_workers=self.cfg.data.num_workers,
+                        pin_memory=torch.cuda.is_available())
+        return self._consume(dl, self._generation)
+
+    def _consume(self, dl: DataLoader, generation: int) -> Iterator[PackedBatch]:
+        W = self.plan.num_workers
+        for batch, meta in dl:
+            if generation != self._generation:
+                raise RuntimeError("this iterator was replaced by a newer iter(loader); use that one")
+            want = self._consumed % W
+            if meta["worker"] != want:
+                raise RuntimeError(f"batch from loader worker {meta['worker']} where worker "
+                                   f"{want} was due: the resumable order is broken")
+            self._states[want] = meta["state"]
+            self._consumed += 1
+            yield batch
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch the trainer took (plain ints, lists, dicts)."""
+        return copy.deepcopy({"version": STATE_VERSION, "plan": self.plan.describe(),
+                              "consumed": self._consumed, "workers": self._states})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the saved position; call before iter(loader). Refuses a state saved
+        with other settings (rank, world, workers, shards, batch split, seed), naming them."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a loader state of version {STATE_VERSION}: "
+                             f"{str(state)[:80]!r}")
+        mine, saved = self.plan.describe(), state["plan"]
+        diff = [k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)]
+        if diff:
+            what = "; ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff)
+            raise ValueError(f"the data loader state was saved with other settings ({what}); "
+                             "resuming would repeat or skip samples. Resume with the same data "
+                             "settings, data-parallel size and data.num_workers")
+        self._states = list(state["workers"])
+        self._consumed = int(state["consumed"])
+
+    def bad_sample_counts(self) -> dict[str, int]:
+        """Skipped samples per reason on this rank, cumulative over the run (resumes included),
+        up to the last batch taken."""
+        return sum_counts([s["bad"] for s in self._states if s])
+
+
+def build_train_loader(cfg: PretrainConfig, dp_rank: int, dp_world: int, processor: Processor,
+                       demo: Optional[DemoGet] = None) -> TrainLoader:
+    """The training loader of data-parallel rank `dp_rank` of `dp_world`. `processor` turns a
+    RawSample and a numpy Generator into a masked Sample (data/processor.py). `demo` overrides
+    the demo generator's `(kind, index) -> RawSample` (tests)."""
+    if not 0 <= dp_rank < dp_world:
+        raise ValueError(f"dp_rank must be in [0, dp_world={dp_world}), got {dp_rank}")
+    data = cfg.data
+    counts = data.stream_counts()
+    starved = [s for s in STREAMS if data.stream_weights()[s] > 0 and counts[s] == 0]
+    if starved:
+        raise ConfigError(
+            f"data.micro_batch_size: {data.micro_batch_size} samples split by the stream weights "
+            f"{data.stream_weights()} give stream {starved[0]!r} no sample in any micro-batch "
+            f"(split {counts}); raise micro_batch_size or set data.{starved[0]}.weight: 0")
+    if data.source == "shards":
+        urls = check_data_paths(cfg)
+    elif data.source == "demo":
+        urls = {}
+        if demo is None:
+            demo = default_demo(cfg)
+    else:
+        raise ConfigError(f"data.source: build_train_loader reads 'demo' or 'shards', got "
+                          f"{data.source!r}")
+    plan = LoaderPlan(source=data.source, dp_rank=dp_rank, dp_world=dp_world,
+                      num_workers=max(1, data.num_workers), counts=counts, seed=data.seed,
+                      window=max(1, data.shuffle_buffer), resampled=data.resampled, urls=urls)
+    return TrainLoader(cfg, plan, processor, demo)
+
+
+def default_demo(cfg: PretrainConfig) -> DemoGet:
+    from megatron_style.data.demo import DemoSource
+    return DemoSource.from_config(cfg).sample
+
+
+def measure(loader: TrainLoader, batches: int, warmup: int = 2) -> float:
+    """Samples per second the loader delivers (after `warmup` batches start the workers)."""
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * loader.samples_per_batch / (time.perf_counter() - t0)
