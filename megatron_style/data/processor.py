@@ -1,0 +1,74 @@
+"""RawSample -> masked model Sample: augment the image, tokenize the text, mask both.
+
+    image: random-resized-crop (data.crop_scale) -> flip (if the stream's `flip`) -> colour
+           jitter (data.color_jitter) -> [3, S, S] in [-1, 1], plus the same crop in [0, 1] at
+           the visual tokenizer's resolution when it is not S -> block mask of the patches
+    text:  SentencePiece -> <s> ids </s>, at most model.max_text_len -> mask 15% (text-only) or
+           50% (pairs) of the ids, replaced by <mask>
+
+`image_targets` stay None: the visual tokenizer runs on the training device and the trainer
+fills them with `PackedBatch.with_image_targets`. All randomness comes from the `rng` argument,
+so a loader that seeds it per sample makes the whole pipeline reproducible. Unusable samples
+raise `BadSample` (errors.py), which the loader counts and skips.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megatron_style.config import PretrainConfig
+from megatron_style.data.errors import BadSample
+from megatron_style.data.masking import ImageMasker, text_mask
+from megatron_style.data.raw import RawSample
+from megatron_style.data.text_tokenizer import TextTokenizer, check_vocab
+from megatron_style.data.transforms import augment
+from megatron_style.data.visual_tokenizers import check_visual_target, tokenizer_input_size
+from megatron_style.model.batch import Sample
+
+
+class SampleProcessor:
+    def __init__(self, cfg: PretrainConfig, text_tokenizer: TextTokenizer):
+        check_vocab(text_tokenizer, cfg.model.text_vocab_size)
+        check_visual_target(cfg)
+        if cfg.model.max_text_len < 3:
+            raise ValueError(f"model.max_text_len={cfg.model.max_text_len}: texts need room for "
+                             "<s>, one token and </s>")
+        self.cfg = cfg
+        self.tok = text_tokenizer
+        mk = cfg.data.masking
+        self.image_masker = ImageMasker(cfg.model.grid, mk.image_ratio, mk.image_min_block,
+                                        mk.image_min_aspect)
+        self.tokenizer_size = tokenizer_input_size(cfg)
+        self.flip = {k: getattr(cfg.data, k).flip for k in ("image", "pair")}
+        self.text_ratio = {"text": mk.text_ratio, "pair": mk.pair_text_ratio}
+
+    def __call__(self, raw: RawSample, rng: np.random.Generator) -> Sample:
+        s = Sample(source=raw.source)
+        if raw.kind in ("image", "pair"):
+            s.image, s.tokenizer_image = self.image_views(raw.image, rng, raw.kind, raw.source)
+            s.image_mask = torch.from_numpy(self.image_masker(rng))
+        if raw.kind in ("text", "pair"):
+            ids = self.text_ids(raw.text, raw.source)
+            mask = text_mask(ids, self.tok.special_ids, self.text_ratio[raw.kind], rng, raw.source)
+            s.text_targets = torch.tensor(ids, dtype=torch.long)
+            s.text_mask = torch.from_numpy(mask)
+            s.text = s.text_targets.masked_fill(s.text_mask, self.tok.mask_id)
+        return s
+
+    def image_views(self, image, rng: Optional[np.random.Generator], kind: str = "image",
+                    source: str = "", train: bool = True
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The model's view and (if needed) the tokenizer's view of an image. `train=False`
+        (evaluation): the full image, no randomness."""
+        if image is None:
+            raise BadSample("missing_image", "", source)
+        d = self.cfg.data
+        return augment(image, self.cfg.model.img_size, self.tokenizer_size, d.crop_scale,
+                       self.flip.get(kind, False), d.color_jitter, rng, source, train=train)
+
+    def text_ids(self, text, source: str = "") -> list[int]:
+        if text is None:
+            raise BadSample("missing_text", "", source)
+        return self.tok.encode_for_model(text, self.cfg.model.max_text_len, source)
