@@ -33,7 +33,7 @@ from megatron_style.data.bad_data import BadDataCounter, sum_counts
 from megatron_style.data.errors import BadSample
 from megatron_style.data.raw import RawSample
 from megatron_style.data.shards import check_data_paths, shard_list_digest
-from megatron_style.data.streams import DemoStream, ShardStream
+from megatron_style.data.streams import DemoStream, ShardStream, check_enough_shards
 from megatron_style.model.batch import PackedBatch, Sample, pack_samples
 
 STATE_VERSION = 1
@@ -242,6 +242,8 @@ def build_train_loader(cfg: PretrainConfig, dp_rank: int, dp_world: int, process
             f"(split {counts}); raise micro_batch_size or set data.{starved[0]}.weight: 0")
     if data.source == "shards":
         urls = check_data_paths(cfg)
+        for s, u in urls.items():
+            check_enough_shards(s, len(u), dp_world * max(1, data.num_workers), data.resampled)
     elif data.source == "demo":
         urls = {}
         if demo is None:

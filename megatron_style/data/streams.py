@@ -43,6 +43,15 @@ def stream_id(name: str) -> int:
     return STREAMS.index(name)
 
 
+def check_enough_shards(name: str, num_shards: int, num_readers: int, resampled: bool) -> None:
+    """Epoch mode gives each reader whole shards: it needs at least one per reader."""
+    if not resampled and num_shards < num_readers:
+        raise ConfigError(
+            f"data.{name}.shards: {num_shards} shards for {num_readers} readers (data-parallel "
+            f"ranks x loader workers); in epoch mode each reader needs at least one shard: "
+            f"write smaller shards, use fewer data.num_workers, or set data.resampled: true")
+
+
 class ShardStream:
     """One reader's samples of one stream from tar shards; see the module docstring."""
 
@@ -54,13 +63,9 @@ class ShardStream:
         self.epochs = epochs  # None: forever; tests and evaluation read a fixed number
         if not self.urls:
             raise ConfigError(f"data.{name}.shards: no shards")
+        check_enough_shards(name, len(self.urls), num_readers, resampled)
         # Epoch mode: reader r owns positions r, r+R, ... of each epoch's shard permutation.
         self.per_epoch = len(range(reader, len(self.urls), num_readers))
-        if not resampled and self.per_epoch == 0:
-            raise ConfigError(
-                f"data.{name}.shards: {len(self.urls)} shards for {num_readers} readers "
-                f"(data-parallel ranks x loader workers); each reader needs at least one shard "
-                f"per epoch: write smaller shards, use fewer workers, or set data.resampled: true")
         st = state or {}
         self.window_index = int(st.get("window", 0))
         self.start = (int(st.get("shard", 0)), int(st.get("in_shard", 0)))  # window start

@@ -8,7 +8,7 @@ The layout is webdataset's (and img2dataset's): the members of a sample share a 
 from __future__ import annotations
 
 import io
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from PIL import Image
 from webdataset.gopen import gopen
@@ -28,9 +28,9 @@ TEXT_EXT = "txt"
 def read_shard(url: str, bad: BadDataCounter) -> Iterator[dict[str, Any]]:
     """The samples of one shard in tar order: dicts of member bytes by extension plus `__key__`
     and `__url__`. A shard that cannot be opened yields nothing; one that breaks off yields the
-    samples before the break and drops the one being read (it may lack members). Both are
-    counted in `bad`. A break exactly between two tar headers looks like a normal end to
-    Python's tarfile and cannot be noticed here."""
+    samples read before the break, without the one whose member was being read (its other
+    members may be missing). Both are counted in `bad`. A break exactly between two tar
+    headers looks like a normal end to Python's tarfile and cannot be noticed here."""
     try:
         stream = gopen(url)
     except Exception as e:  # missing file, failed pipe: the run goes on with the next shard
@@ -47,21 +47,32 @@ def read_shard(url: str, bad: BadDataCounter) -> Iterator[dict[str, Any]]:
 
 
 def _members(stream, url: str, bad: BadDataCounter) -> Iterator[dict[str, Any]]:
-    last_prefix = None
+    reading: list[Optional[str]] = [None]  # the member whose data is being read
+
+    def note(fname: str) -> bool:  # webdataset calls this before reading each member's data
+        reading[0] = fname
+        return True
+
+    last = None
     try:
         # reraise: webdataset's handlers cannot tell "this member is bad" from "the stream is
         # broken"; a broken stream ends the shard here, counted once.
-        for member in tar_file_iterator(stream, handler=reraise_exception):
+        for member in tar_file_iterator(stream, handler=reraise_exception, select_files=note):
             member["__url__"] = url
-            last_prefix = base_plus_ext(member["fname"])[0]
+            last = member["fname"]
             yield member
     except Exception as e:  # tarfile.ReadError, EOFError, zlib/gzip errors, OSError
-        if last_prefix is None:
+        if last is None:
             bad.add(UNREADABLE_SHARD, f"{url}: {e}")
             return
         bad.add(TRUNCATED_TAR, f"{url}: {e}")
-        # group_by_keys drops a sample that carries "__bad__": mark the one being read.
-        yield {"fname": f"{last_prefix}.__bad__", "data": True, "__url__": url}
+        broken = reading[0]
+        if broken is not None and broken != last and \
+                base_plus_ext(broken)[0] == base_plus_ext(last)[0]:
+            # The break came inside a later member of the sample being grouped: drop that
+            # sample (group_by_keys drops one that carries "__bad__"). A break inside the first
+            # member of the next sample leaves the previous one whole.
+            yield {"fname": f"{base_plus_ext(last)[0]}.__bad__", "data": True, "__url__": url}
 
 
 def to_raw(kind: str, sample: dict[str, Any]) -> RawSample:
