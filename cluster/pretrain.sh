@@ -75,9 +75,12 @@ echo "run:    ${trainer[*]}"
 
 # srun's own exit status is the highest of the tasks'. --kill-on-bad-exit is deliberately
 # off: it would SIGTERM the other ranks as soon as the first exits 75 and turn 75 into 143.
+# Each task prints where it runs (the trainer itself logs on rank 0 only), then becomes the
+# trainer (exec: signals reach it directly).
 srun --nodes="$nodes" --ntasks="$((per_node * nodes))" --ntasks-per-node="$per_node" \
     --cpus-per-task="$cpus" --label \
-    "${trainer[@]}" --config "$CONFIG" "${overrides[@]}" &
+    bash -c 'echo "task $SLURM_PROCID/$SLURM_NTASKS on $(hostname) (local rank $SLURM_LOCALID)"; exec "$@"' \
+    task "${trainer[@]}" --config "$CONFIG" "${overrides[@]}" &
 srun_pid=$!
 
 # The batch shell itself gets signals too (scancel --batch, --signal=B:USR1@.., preemption).
