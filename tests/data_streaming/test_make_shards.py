@@ -95,3 +95,12 @@ def test_missing_input_message_and_help_from_the_command_line(tmp_path):
                         str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "missing.txt' does not exist" in r.stderr
+
+
+def test_bench_loader_runs(capsys):
+    from megatron_style.data import bench_loader
+    assert bench_loader.main(["--model", "tiny", "--images", "4", "--batches", "2",
+                              "--shard-samples", "8", "--micro-batch-size", "3", "--workers", "0",
+                              "--train-samples-per-s", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "images/s" in out and "loader / training = " in out
