@@ -205,7 +205,7 @@ class TokenizerConfig:
     # Demo data only: size of the SentencePiece model and number of generated images the
     # k-means visual tokenizer is trained on (both trained at first use, then cached).
     demo_text_vocab_size: int = 256
-    demo_kmeans_images: int = 2000
+    demo_kmeans_images: int = 1000
 
     def validate(self, key: str) -> None:
         _check(self.visual != "vqkd" or bool(self.visual_model), f"{key}.visual_model",
@@ -331,7 +331,10 @@ class ParallelConfig:
     grad_accum: int = 1
     # Recompute each block's activations in backward (saves memory, costs ~1/3 more compute).
     activation_checkpointing: bool = False
-    # Extra entries merged into the generated DeepSpeed config (expert use).
+    # A DeepSpeed JSON config merged over the generated one (e.g. configs/deepspeed/
+    # zero3_offload.json), then `deepspeed` entries on top. Batch sizes stay ours:
+    # data.micro_batch_size and parallel.grad_accum.
+    deepspeed_file: str = ""
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, key: str = "parallel") -> None:
@@ -341,6 +344,26 @@ class ParallelConfig:
         _check(self.grad_accum >= 1, f"{key}.grad_accum", f"must be >= 1, got {self.grad_accum}")
         _check(not (self.sequence_parallel and self.tensor == 1), f"{key}.sequence_parallel",
                "needs parallel.tensor > 1")
+        _check(not self.deepspeed_file or os.path.isfile(self.deepspeed_file),
+               f"{key}.deepspeed_file", f"{self.deepspeed_file!r} does not exist")
+        extra = dict(self.deepspeed)
+        if self.deepspeed_file:
+            try:
+                with open(self.deepspeed_file) as f:
+                    extra.update(json.load(f))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key}.deepspeed_file: {self.deepspeed_file!r} is not valid JSON: {e}") from None
+        for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            _check(k not in extra, f"{key}.deepspeed", f"{k!r} is set by the trainer from "
+                   "data.micro_batch_size and parallel.grad_accum; remove it")
+        # What the recipe names must not be contradicted by the file (one source of truth).
+        stage = extra.get("zero_optimization", {}).get("stage", self.zero_stage)
+        _check(stage == self.zero_stage, f"{key}.zero_stage",
+               f"is {self.zero_stage} but the DeepSpeed config says stage {stage}; make them agree")
+        for prec in ("bf16", "fp16"):
+            on = extra.get(prec, {}).get("enabled")
+            _check(on is None or on == (self.precision == prec), f"{key}.precision",
+                   f"is {self.precision!r} but the DeepSpeed config has {prec}.enabled={on}")
 
 
 @dataclass

@@ -55,7 +55,10 @@ def init_distributed(env: DistEnv) -> torch.device:
     os.environ.setdefault("WORLD_SIZE", str(env.world_size))
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        # A world of one talks to nobody: any free port will do, so two single-process runs
+        # on one machine do not collide on a fixed default.
+        os.environ["MASTER_PORT"] = str(_free_port() if env.world_size == 1 else 29500)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
@@ -67,3 +70,11 @@ def init_distributed(env: DistEnv) -> torch.device:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                auto_mpi_discovery=False)
     return device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

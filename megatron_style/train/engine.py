@@ -75,9 +75,6 @@ def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True)
-    if p.zero_stage == 3:
-        # Gather full weights at save time so `save_checkpoint` also writes module weights.
-        zero.update(stage3_gather_16bit_weights_on_model_save=False)
     ds: dict[str, Any] = {
         # One DeepSpeed "sample" is one packed micro-batch of data.micro_batch_size samples.
         "train_micro_batch_size_per_gpu": 1,
@@ -91,6 +88,10 @@ def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if p.deepspeed_file:
+        import json
+        with open(p.deepspeed_file) as f:
+            ds = _merge(ds, json.load(f))
     return _merge(ds, p.deepspeed)
 
 

@@ -51,3 +51,21 @@ def test_cli_rejects_missing_init_file(tmp_path):
     p = pretrain(["model.preset=tiny", f"checkpoint.init_from={tmp_path / 'nope.pt'}"])
     assert p.returncode == 2, explain(p)
     assert "checkpoint.init_from" in p.stderr and "does not exist" in p.stderr
+
+
+@pytest.mark.parametrize("recipe", ["demo", "base", "giant"])
+def test_shipped_recipes_are_valid(recipe):
+    cfg = load_config(f"configs/pretrain/{recipe}.yaml")
+    assert sum(cfg.data.stream_counts().values()) == cfg.data.micro_batch_size
+
+
+def test_deepspeed_file_is_merged_but_cannot_contradict_the_recipe():
+    from megatron_style.train.engine import deepspeed_config
+    f = "configs/deepspeed/zero3_offload.json"
+    with pytest.raises(ConfigError, match="parallel.zero_stage: is 1 but the DeepSpeed config says stage 3"):
+        load_config(None, [f"parallel.deepspeed_file={f}"])
+    ds = deepspeed_config(load_config(None, [f"parallel.deepspeed_file={f}", "parallel.zero_stage=3"]))
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["train_micro_batch_size_per_gpu"] == 1
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        load_config(None, ["parallel.deepspeed={train_batch_size: 64}"])
