@@ -1,4 +1,4 @@
-"""Per-stream readers with an exactly resumable position, and the split of a micro-batch.
+"""Per-stream readers whose position can be saved and restored exactly.
 
 Every loader worker of every data-parallel rank is one *reader* (id r of R = dp_world x
 workers). For each stream (image / text / pair) a reader yields `(raw_or_bad, rng_key)`:
@@ -19,6 +19,10 @@ of (seed, stream, reader, counter), so a reader's position is a handful of integ
     (shard i, samples already read from it) and how many of its samples were given out, and a
     resumed reader re-reads one window instead of needing the buffer's contents.
   - demo: the r-th, (r+R)-th, ... sample of the index-based demo generator; the state is a count.
+
+A resume costs re-reading (not decoding) the saved window's shard up to the window start, and
+the window itself. Epochs are per reader: one whose shards hold fewer samples starts its next
+epoch sooner, as the training loader never waits for the others.
 Tar reading itself (tar iteration, grouping members by key) is webdataset's; see tar_samples.py.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ from PIL import Image
 from megatron_style.data.bad_data import BadDataCounter
 from megatron_style.data.loader import build_train_loader, good_samples
 from megatron_style.data.streams import ShardStream
-from streaming_helpers import (StandInProcessor, jpeg_bytes, key_of, make_cfg, pair, png_bytes,
+from streaming_helpers import (StandInProcessor, key_of, make_cfg, pair, png_bytes,
                                truncate_inside_member, write_tar)
 
 EXPECTED = {"bad_image": 2, "empty_text": 2, "bad_utf8": 1, "missing_text": 1,
