@@ -86,8 +86,8 @@ class LocalSlurm:
     def wait(self, job: Job, timeout: float, until=None) -> dict[str, str]:
         """Poll until the job reached a final state (or `until(info)` holds); return its info.
 
-        A requeued job waits ~2 minutes (EligibleTime) before Slurm starts it again; the tests
-        release it at once with `scontrol update StartTime=now` (an operator could do the same)."""
+        A requeued job waits 2 minutes (its BeginTime) before Slurm starts it again; the tests
+        release it earlier with `scontrol update StartTime=...` (an operator could do the same)."""
         deadline = time.monotonic() + timeout
         released = set()
         while True:
@@ -98,14 +98,21 @@ class LocalSlurm:
                 return info
             restarts = info.get("Restarts", "0")
             if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" \
-                    and restarts not in released:
+                    and restarts not in released and self.nodes_idle():
+                # Not sooner: slurmd revokes the old run's credential when it has cleaned up
+                # (node no longer completing), with a 1 s clock; a run started in that same
+                # second is refused ("Job credential revoked") and the job FAILS.
                 released.add(restarts)
-                self.run("scontrol", "update", f"JobId={job.id}", "StartTime=now")
+                self.run("scontrol", "update", f"JobId={job.id}", "StartTime=now+2")
             if time.monotonic() > deadline:
                 self.run("scancel", job.id, check=False)
                 raise AssertionError(f"job {job.id} not done after {timeout:.0f} s: {info}\n"
                                      f"{self.describe(job)}")
             time.sleep(0.3)
+
+    def nodes_idle(self) -> bool:
+        states = self.run("sinfo", "-h", "-N", "-o", "%T").stdout.split()
+        return bool(states) and all(st == "idle" for st in states)
 
     def describe(self, job: Job) -> str:
         """Everything useful when a test fails: the job's output and the daemons' logs."""

@@ -76,7 +76,7 @@ def test_two_ranks_train_checkpoint_and_log(slurm: LocalSlurm, tmp_path):
 
 @pytest.mark.slurm
 def test_preemption_checkpoints_requeues_and_resumes(slurm: LocalSlurm, tmp_path):
-    steps = 25 if STANDIN else 8
+    steps = 25 if STANDIN else 30
     # No periodic checkpoint before the end: the resume can only come from the one the
     # preemption signal made.
     job = slurm.submit(tmp_path / "pre", TINY + [f"steps={steps}", "checkpoint.every_steps=1000"])
