@@ -14,7 +14,7 @@ other than tensor rank 0 skip parameters not tagged `tensor_model_parallel`).
 
     state = build_parallel_state(cfg.parallel.tensor)      # after torch.distributed init
     model = MaskedDataModel(cfg.model, tp=state.tp)
-    engine, *_ = deepspeed.initialize(model=model, mpu=state.mpu(), ...)
+    engine, *_ = deepspeed.initialize(model=model, mpu=state, ...)
 """
 from __future__ import annotations
 
@@ -41,9 +41,69 @@ def group_ranks(world_size: int, tensor_size: int) -> tuple[list[list[int]], lis
     return tensor, data
 
 
+class _DeepSpeedMPU:
+    """The "model parallel unit" interface DeepSpeed queries (deepspeed.utils.groups,
+    runtime/engine.py, zero/stage_1_and_2.py, stage3.py, runtime/utils.py). Model parallel
+    means tensor parallel here: there is no pipeline parallelism.
+
+    Deliberately absent: `initialize_sequence_parallel` (its presence makes DeepSpeed treat
+    the object as a sequence-parallel unit and ignore the data-parallel group) and the
+    sequence-parallel getters (DeepSpeed then falls back to the data-parallel group)."""
+
+    tensor_rank: int
+    tensor_size: int
+    tensor_group: Optional[dist.ProcessGroup]
+    tensor_ranks: tuple[int, ...]
+    data_rank: int
+    data_size: int
+    data_group: Optional[dist.ProcessGroup]
+    data_ranks: tuple[int, ...]
+
+    # tensor (= model) parallel -------------------------------------------------------------
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.tensor_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.tensor_size
+
+    def get_tensor_model_parallel_group(self):
+        return self.tensor_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.tensor_ranks[0]
+
+    get_model_parallel_rank = get_tensor_model_parallel_rank
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+    get_model_parallel_group = get_tensor_model_parallel_group
+    get_slice_parallel_rank = get_tensor_model_parallel_rank
+    get_slice_parallel_world_size = get_tensor_model_parallel_world_size
+    get_slice_parallel_group = get_tensor_model_parallel_group
+
+    # data parallel -------------------------------------------------------------------------
+    def get_data_parallel_rank(self) -> int:
+        return self.data_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.data_size
+
+    def get_data_parallel_group(self):
+        return self.data_group
+
+    def get_data_parallel_group_ranks(self) -> Sequence[int]:
+        return list(self.data_ranks)
+
+    # pipeline (none) -----------------------------------------------------------------------
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+
 @dataclass(frozen=True)
-class ParallelState:
-    """This process's place in the tensor x data grid and the groups it belongs to."""
+class ParallelState(_DeepSpeedMPU):
+    """This process's place in the tensor x data grid and the groups it belongs to. It is
+    also DeepSpeed's `mpu`: pass it as `deepspeed.initialize(..., mpu=state)`."""
 
     rank: int
     world_size: int
@@ -64,8 +124,14 @@ class ParallelState:
             return None
         return TPGroup(self.tensor_group, self.tensor_rank, self.tensor_size)
 
-    def mpu(self) -> "DeepSpeedMPU":
-        return DeepSpeedMPU(self)
+    # Short names used by the trainer.
+    tp_group = tp
+    dp_rank = property(lambda self: self.data_rank)
+    dp_size = property(lambda self: self.data_size)
+    dp_group = property(lambda self: self.data_group)
+
+    def mpu(self) -> "ParallelState":
+        return self
 
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: tensor rank {self.tensor_rank}/"
@@ -113,56 +179,3 @@ def _warn_if_tp_crosses_nodes(tensor_size: int) -> None:
         warnings.warn(f"parallel.tensor = {tensor_size} does not divide the {local} processes "
                       "per node: some tensor-parallel groups span two nodes, and their "
                       "per-layer all-reduces go over the network", stacklevel=3)
-
-
-class DeepSpeedMPU:
-    """The "model parallel unit" interface DeepSpeed queries (deepspeed.utils.groups,
-    runtime/engine.py, zero/stage_1_and_2.py, stage3.py, runtime/utils.py). Model parallel
-    means tensor parallel here: there is no pipeline parallelism.
-
-    Deliberately absent: `initialize_sequence_parallel` (its presence makes DeepSpeed treat
-    the object as a sequence-parallel unit and ignore the data-parallel group) and the
-    sequence-parallel getters (DeepSpeed then falls back to the data-parallel group)."""
-
-    def __init__(self, state: ParallelState):
-        self.state = state
-
-    # tensor (= model) parallel -------------------------------------------------------------
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.state.tensor_rank
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.state.tensor_size
-
-    def get_tensor_model_parallel_group(self):
-        return self.state.tensor_group
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.state.tensor_ranks[0]
-
-    get_model_parallel_rank = get_tensor_model_parallel_rank
-    get_model_parallel_world_size = get_tensor_model_parallel_world_size
-    get_model_parallel_group = get_tensor_model_parallel_group
-    get_slice_parallel_rank = get_tensor_model_parallel_rank
-    get_slice_parallel_world_size = get_tensor_model_parallel_world_size
-    get_slice_parallel_group = get_tensor_model_parallel_group
-
-    # data parallel -------------------------------------------------------------------------
-    def get_data_parallel_rank(self) -> int:
-        return self.state.data_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.state.data_size
-
-    def get_data_parallel_group(self):
-        return self.state.data_group
-
-    def get_data_parallel_group_ranks(self) -> Sequence[int]:
-        return list(self.state.data_ranks)
-
-    # pipeline (none) -----------------------------------------------------------------------
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return 1
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return 0

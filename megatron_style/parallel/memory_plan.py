@@ -1,0 +1,277 @@
+"""Per-GPU memory of a training configuration, before launching it.
+
+The parameter counts come from the real model built on the meta device at the requested
+tensor-parallel degree (no memory used); the activation estimate uses that model's local
+shapes (heads and FFN columns per rank, vocabulary rows per rank) and the token counts of a
+packed micro-batch. DeepSpeed's bookkeeping, as read from its ZeRO code (0.19):
+
+  parameters   2 bytes (bf16/fp16) or 4 (fp32) per local element; ZeRO-3 keeps 1/DP of them
+               (plus the gathered working set of one or two layers while they run).
+  gradients    same dtype as the parameters; ZeRO-2/3 keep 1/DP of them.
+  optimizer    Adam: fp32 master copy + two fp32 moments = 12 bytes per element, 1/DP of them
+               under ZeRO >= 1. Exceptions: ZeRO-3 in fp32 reuses the fp32 partition as the
+               master (8 bytes); no ZeRO in fp32 is plain torch Adam (8 bytes).
+
+Activations saved for backward per layer, for the GPU kernels (flash-style attention that
+keeps q, k, v, its output and the log-sum-exp; LayerNorms that keep their input and
+row statistics; linears that keep their input), T tokens, hidden D, FFN width F, t = TP size:
+  replicated on every tensor rank:  4 x T x D      (attention-LN input and output, the
+                                                    expert-sorted FFN input and its LN output)
+  split across tensor ranks:        (5 + d) x T x D/t + 3 x T x F/t
+        q, k, v, attention output, inner-LN output (+ d = 1 expert-sorted copy of the attention
+        output with per-modality norms), fc1 output, GELU output, FFN inner-LN output
+  fp32: LayerNorm row statistics (4 norms x 2 x T) and the attention log-sum-exp (heads/t x T).
+With activation checkpointing each layer keeps only its input (T x D) and one layer at a time
+is recomputed in backward.
+
+    beit3-memory-plan --preset giant --gpus 8 --tensor 2 --zero 1 2 3 \
+        --images 16 --texts 16 --pairs 16 --text-len 64
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_style.config import MaskingConfig, ModelConfig, load_config, model_config
+from megatron_style.parallel.mappings import TPGroup
+
+GIB = 1024 ** 3
+PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    images: int
+    texts: int
+    pairs: int
+    text_len: int
+
+    def tokens(self, cfg: ModelConfig) -> int:
+        n = cfg.image_tokens
+        return self.images * n + self.texts * self.text_len + self.pairs * (n + self.text_len)
+
+    def masked(self, cfg: ModelConfig, m: MaskingConfig) -> tuple[int, int]:
+        """(hidden patches, hidden text tokens) that reach the heads."""
+        img = round(m.image_ratio * cfg.num_patches) * (self.images + self.pairs)
+        txt = (max(1, round(m.text_ratio * self.text_len)) * self.texts
+               + max(1, round(m.pair_text_ratio * self.text_len)) * self.pairs)
+        return img, txt
+
+    def describe(self) -> str:
+        return (f"{self.images} images + {self.texts} texts + {self.pairs} pairs "
+                f"(text {self.text_len} tokens)")
+
+
+@dataclass(frozen=True)
+class LocalShapes:
+    """What one tensor rank holds, read from the meta-device model."""
+
+    params: int                 # elements on this rank
+    params_total: int           # elements of the whole model (TP=1)
+    largest_layer: int          # elements of the biggest block on this rank
+    dim: int
+    attn_width: int             # local heads x head dim
+    local_heads: int
+    ffn_width: int              # local FFN columns
+    layers: int
+    decoupled: bool
+    text_vocab: int             # local vocabulary rows of the text head
+    visual_vocab: int           # local rows of the image head (0 for pixel regression)
+
+
+def local_shapes(cfg: ModelConfig, tensor: int, tensor_rank: int = 0) -> LocalShapes:
+    from megatron_style.model.pretraining import MaskedDataModel
+
+    if not 0 <= tensor_rank < tensor:
+        raise ValueError(f"tensor rank {tensor_rank} is not in [0, {tensor})")
+    with torch.device("meta"):
+        full = MaskedDataModel(cfg, None)
+        m = full if tensor == 1 else MaskedDataModel(cfg, TPGroup(None, tensor_rank, tensor))
+    block = m.beit3.layers[0]
+    return LocalShapes(
+        params=sum(p.numel() for p in m.parameters()),
+        params_total=sum(p.numel() for p in full.parameters()),
+        largest_layer=max(sum(p.numel() for p in b.parameters()) for b in m.beit3.layers),
+        dim=cfg.dim, attn_width=block.attn.local_heads * block.attn.head_dim,
+        local_heads=block.attn.local_heads, ffn_width=block.ffn.experts[0].fc1.weight.shape[0],
+        layers=cfg.layers, decoupled=cfg.attention == "decoupled",
+        text_vocab=m.text_head.weight.shape[0],
+        visual_vocab=m.image_head.weight.shape[0] if cfg.visual_target == "tokens" else 0)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes on one GPU."""
+
+    zero: int
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    activations_checkpointed: int
+    zero3_gathered: int         # transient: gathered weights of the running (+ prefetched) layer
+    sp_saving: int              # what sequence parallelism would save without checkpointing
+    sp_saving_checkpointed: int
+
+    @property
+    def model_states(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def activation_bytes(s: LocalShapes, cfg: ModelConfig, mb: MicroBatch, masking: MaskingConfig,
+                     act_bytes: int, tensor: int) -> dict[str, int]:
+    T = mb.tokens(cfg)
+    D = s.dim
+    replicated = 4 * T * D * act_bytes
+    split = ((5 + int(s.decoupled)) * T * s.attn_width + 3 * T * s.ffn_width) * act_bytes
+    fp32_stats = (4 * 2 * T + s.local_heads * T) * 4
+    layer = replicated + split + fp32_stats
+    images = (mb.images + mb.pairs) * cfg.in_chans * cfg.img_size ** 2 * act_bytes
+    m_img, m_txt = mb.masked(cfg, masking)
+    heads = 2 * (m_img + m_txt) * D * act_bytes
+    if tensor > 1:   # vocab-parallel cross-entropy keeps exp(logits) of its rows, fp32
+        heads += 4 * (m_img * s.visual_vocab + m_txt * s.text_vocab)
+    else:            # the chunked kernel keeps one log-sum-exp per row
+        heads += 4 * (m_img + m_txt)
+    if cfg.visual_target == "pixels":
+        heads += 4 * m_img * cfg.patch_dim
+    return {"layer": layer, "replicated_layer": replicated, "block_input": T * D * act_bytes,
+            "edges": images + heads, "tokens": T}
+
+
+def plan(cfg: ModelConfig, tensor: int, zero: int, data_parallel: int, mb: MicroBatch,
+         precision: str = "bf16", masking: Optional[MaskingConfig] = None,
+         tensor_rank: int = 0, shapes: Optional[LocalShapes] = None) -> MemoryPlan:
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage {zero}: must be one of 0, 1, 2, 3")
+    if precision not in PRECISION_BYTES:
+        raise ValueError(f"precision {precision!r}: must be one of {sorted(PRECISION_BYTES)}")
+    if data_parallel < 1:
+        raise ValueError(f"data-parallel size {data_parallel}: must be >= 1")
+    s = shapes or local_shapes(cfg, tensor, tensor_rank)
+    masking = masking or MaskingConfig()
+    pb = PRECISION_BYTES[precision]
+    N, dp = s.params, data_parallel
+    params = N * pb // (dp if zero == 3 else 1)
+    grads = N * pb // (dp if zero >= 2 else 1)
+    if zero == 0:
+        opt = N * (8 if precision == "fp32" else 12)
+    else:
+        opt = N * (8 if (zero == 3 and precision == "fp32") else 12) // dp
+    a = activation_bytes(s, cfg, mb, masking, pb, tensor)
+    L = s.layers
+    full = L * a["layer"] + a["edges"]
+    ckpt = L * a["block_input"] + a["layer"] + a["edges"]
+    rep_saved = a["replicated_layer"] * (tensor - 1) // tensor
+    inp_saved = a["block_input"] * (tensor - 1) // tensor
+    return MemoryPlan(zero=zero, params=params, grads=grads, optimizer=opt, activations=full,
+                      activations_checkpointed=ckpt,
+                      zero3_gathered=2 * s.largest_layer * pb if zero == 3 else 0,
+                      sp_saving=L * rep_saved, sp_saving_checkpointed=L * inp_saved + rep_saved)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def format_plans(cfg: ModelConfig, plans: list[MemoryPlan], tensor: int, dp: int, mb: MicroBatch,
+                 precision: str, shapes: LocalShapes, name: str) -> str:
+    T = mb.tokens(cfg)
+    opt_name = "fp32 master + 2 moments" if not (precision == "fp32") else "Adam state"
+    rows: list[tuple[str, list[str]]] = [
+        (f"parameters ({precision})", [_gib(p.params) for p in plans]),
+        (f"gradients ({precision})", [_gib(p.grads) for p in plans]),
+        (f"optimizer ({opt_name})", [_gib(p.optimizer) for p in plans]),
+        ("= model states", [_gib(p.model_states) for p in plans]),
+        ("activations", [_gib(p.activations) for p in plans]),
+        ("activations, checkpointing", [_gib(p.activations_checkpointed) for p in plans]),
+        ("total", [_gib(p.model_states + p.activations) for p in plans]),
+        ("total, checkpointing", [_gib(p.model_states + p.activations_checkpointed) for p in plans]),
+    ]
+    if any(p.zero == 3 for p in plans):
+        rows.append(("ZeRO-3 gathered layers (transient)",
+                     [_gib(p.zero3_gathered) if p.zero == 3 else "       -    " for p in plans]))
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [
+        f"{name}: {shapes.params_total / 1e6:,.1f}M parameters, {cfg.layers} layers, dim {cfg.dim}, "
+        f"{cfg.attention} attention",
+        f"GPUs: {tensor * dp} = tensor {tensor} x data {dp}; {precision}; micro-batch per GPU "
+        f"group: {mb.describe()} = {T:,} tokens",
+        f"this GPU holds {shapes.params / 1e6:,.1f}M parameters (tensor rank 0, the largest "
+        "vocabulary slice)",
+        "",
+        " " * width + "".join(f"{'ZeRO-' + str(p.zero):>13}" for p in plans),
+    ]
+    for label, cells in rows:
+        lines.append(f"{label:<{width}}" + "".join(f"{c:>13}" for c in cells))
+    if tensor > 1:
+        p = plans[0]
+        lines += ["", f"sequence parallelism (not built) would save {p.sp_saving / GIB:.2f} GiB of "
+                  f"activations, {p.sp_saving_checkpointed / GIB:.2f} GiB with checkpointing"]
+    lines += ["", "not counted: DeepSpeed communication buckets (reduce/allgather bucket sizes x 2 "
+              "bytes), temporaries of the running layer, CUDA context (~0.5-1 GiB), allocator "
+              "fragmentation"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="beit3-memory-plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="model preset: tiny, base, large, giant")
+    src.add_argument("--config", help="pretraining recipe (YAML/JSON): model, parallel and "
+                     "masking settings are taken from it unless given here")
+    p.add_argument("--tensor", type=int, help="tensor-parallel degree (default 1, or the config's)")
+    p.add_argument("--zero", type=int, nargs="+", help="ZeRO stage(s) to compare (default 1, or "
+                   "the config's)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--gpus", type=int, help="total GPUs; data-parallel size = gpus / tensor")
+    g.add_argument("--dp", type=int, help="data-parallel size (default 1)")
+    p.add_argument("--precision", choices=sorted(PRECISION_BYTES), help="default bf16, or the config's")
+    p.add_argument("--images", type=int, default=16, help="image-only samples per micro-batch")
+    p.add_argument("--texts", type=int, default=16, help="text-only samples per micro-batch")
+    p.add_argument("--pairs", type=int, default=16, help="image-text pairs per micro-batch")
+    p.add_argument("--text-len", type=int, default=64, help="tokens per text (default 64)")
+    args = p.parse_args(argv)
+    try:
+        masking = MaskingConfig()
+        tensor, zeros, precision = 1, [1], "bf16"
+        if args.config:
+            rc = load_config(args.config)
+            cfg, masking = rc.model, rc.data.masking
+            tensor, zeros, precision = rc.parallel.tensor, [rc.parallel.zero_stage], rc.parallel.precision
+            name = args.config
+        else:
+            cfg, name = model_config(args.preset), args.preset
+        tensor = args.tensor or tensor
+        zeros = args.zero or zeros
+        precision = args.precision or precision
+        if args.gpus is not None:
+            if args.gpus % tensor:
+                raise ValueError(f"--gpus {args.gpus} is not a multiple of --tensor {tensor}")
+            dp = args.gpus // tensor
+        else:
+            dp = args.dp or 1
+        if args.text_len > cfg.max_text_len:
+            raise ValueError(f"--text-len {args.text_len} exceeds model.max_text_len {cfg.max_text_len}")
+        if min(args.images, args.texts, args.pairs) < 0 or args.text_len < 1:
+            raise ValueError("sample counts must be >= 0 and --text-len >= 1")
+        from megatron_style.parallel.convert import check_tensor_size
+        check_tensor_size(cfg, tensor)
+        mb = MicroBatch(args.images, args.texts, args.pairs, args.text_len)
+        shapes = local_shapes(cfg, tensor)
+        plans = [plan(cfg, tensor, z, dp, mb, precision, masking, shapes=shapes) for z in zeros]
+    except ValueError as e:
+        print(f"beit3-memory-plan: error: {e}", file=sys.stderr)
+        return 2
+    print(format_plans(cfg, plans, tensor, dp, mb, precision, shapes, name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
