@@ -7,7 +7,10 @@ Modes (config `model.kernels`, or `with dispatch.mode("reference"):` for compari
   reference  always the PyTorch reference.
 
 Each Triton module (kernels/<name>/triton_*.py) exposes the same functions as its reference
-plus `supports(*tensors) -> bool`. A module that is not there yet simply means "reference".
+plus `supports(fn, *tensors) -> bool` and `why_unsupported(fn, *tensors) -> str | None` (device,
+dtype and shape limits). `auto` falls back to the reference when a kernel says no; `triton`
+raises with the kernel's reason instead, so a forced run never silently measures the reference.
+`backend(fn, *tensors)` says which one a call would take.
 """
 from __future__ import annotations
 
@@ -69,24 +72,33 @@ def _triton_module(fn: str):
     return _loaded[name]
 
 
-def _pick(fn: str, *tensors: torch.Tensor):
-    """The Triton module to use for `fn` on these inputs, or None for the reference."""
+def _pick(fn: str, *args):
+    """The Triton module to use for `fn` on these inputs, or None for the reference. `args`
+    are the call's tensors (None for absent optional ones)."""
     if _mode == "reference":
         return None
-    if _mode == "auto" and not all(t.is_cuda for t in tensors):
+    if _mode == "auto" and not all(t.is_cuda for t in args if t is not None):
         return None  # decided before importing: Triton modules are only loaded when usable
     mod = _triton_module(fn)
-    if _mode == "triton":
-        if isinstance(mod, Exception):
+    if isinstance(mod, Exception):
+        if _mode == "triton":
             raise RuntimeError(f"kernel mode 'triton' asked for {fn}, but its Triton module "
                                f"could not be imported: {mod}")
+        return None
+    problem = mod.why_unsupported(fn, *args)
+    if problem is None:
         return mod
-    if isinstance(mod, Exception):
-        return None
-    supports = getattr(mod, "supports", None)
-    if supports is not None and not supports(fn, *tensors):
-        return None
-    return mod
+    if _mode == "triton":
+        raise ValueError(f"kernel mode 'triton': the Triton {fn} cannot take these inputs: "
+                         f"{problem}. Set model.kernels to 'auto' to fall back to PyTorch.")
+    return None
+
+
+def backend(fn: str, *args) -> str:
+    """"triton" or "reference": what a call of `fn` with these tensors would run now."""
+    if fn not in _TRITON_MODULES:
+        return "reference"
+    return "reference" if _pick(fn, *args) is None else "triton"
 
 
 def triton_available(fn: str) -> bool:
@@ -97,7 +109,7 @@ def triton_available(fn: str) -> bool:
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, scale: Optional[float] = None) -> torch.Tensor:
-    mod = _pick("varlen_attention", q)
+    mod = _pick("varlen_attention", q, k, v)
     impl = attention_ref if mod is None else mod
     return impl.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
 
@@ -109,36 +121,37 @@ def padded_attention(q, k, v, key_padding_mask=None, scale=None) -> torch.Tensor
 
 def grouped_linear(x: torch.Tensor, counts: Sequence[int], weights, biases,
                    activation: Optional[str] = None) -> torch.Tensor:
-    mod = _pick("grouped_linear", x)
+    mod = _pick("grouped_linear", x, *weights, *biases)
     impl = ffn_ref if mod is None else mod
     return impl.grouped_linear(x, counts, weights, biases, activation)
 
 
 def grouped_layer_norm(x: torch.Tensor, counts: Sequence[int], weights, biases,
                        eps: float) -> torch.Tensor:
-    mod = _pick("grouped_layer_norm", x)
+    mod = _pick("grouped_layer_norm", x, *weights, *biases)
     impl = ffn_ref if mod is None else mod
     return impl.grouped_layer_norm(x, counts, weights, biases, eps)
 
 
 def grouped_add_bias(x: torch.Tensor, counts: Sequence[int], biases) -> torch.Tensor:
+    # Memory-bound and small next to the GEMMs around it; the reference serves every mode.
     return ffn_ref.grouped_add_bias(x, counts, biases)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    mod = _pick("layer_norm", x)
+    mod = _pick("layer_norm", x, weight, bias)
     impl = ln_ref if mod is None else mod
     return impl.layer_norm(x, weight, bias, eps)
 
 
 def add_layer_norm(x, residual, weight, bias, eps):
-    mod = _pick("add_layer_norm", x)
+    mod = _pick("add_layer_norm", x, residual, weight, bias)
     impl = ln_ref if mod is None else mod
     return impl.add_layer_norm(x, residual, weight, bias, eps)
 
 
 def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mod = _pick("masked_token_loss", hidden)
+    mod = _pick("masked_token_loss", hidden, weight, bias, targets)
     impl = ce_ref if mod is None else mod
     return impl.masked_token_loss(hidden, weight, bias, targets)
