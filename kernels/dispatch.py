@@ -1,8 +1,8 @@
 """The one place where the model chooses between Triton kernels and PyTorch references.
 
 Modes (config `model.kernels`, or `with dispatch.mode("reference"):` for comparisons):
-  auto       Triton for CUDA tensors when Triton imports and the kernel supports the inputs;
-             the reference otherwise (CPU, no Triton, unsupported shape or dtype).
+  auto       Triton for fp16 / bf16 CUDA tensors when Triton imports and the kernel supports
+             the inputs; the reference otherwise (CPU, fp32, no Triton, unsupported shape).
   triton     always Triton (on CPU tensors this needs TRITON_INTERPRET=1); errors if missing.
   reference  always the PyTorch reference.
 
@@ -27,6 +27,10 @@ from kernels.layernorm import reference as ln_ref
 from kernels.routed_ffn import reference as ffn_ref
 
 MODES = ("auto", "triton", "reference")
+# `auto` sends only half-precision work to Triton: the kernels are tuned for fp16 / bf16, while
+# for fp32 cuBLAS (TF32 where allowed) and torch's attention are the better choice. `triton`
+# still runs fp32 (true fp32 products), for tests and debugging.
+AUTO_DTYPES = (torch.float16, torch.bfloat16)
 _mode = os.environ.get("MEGATRON_STYLE_KERNELS", "auto")
 
 # function name -> module that holds its Triton implementation
@@ -79,6 +83,8 @@ def _pick(fn: str, *args):
         return None
     if _mode == "auto" and not all(t.is_cuda for t in args if t is not None):
         return None  # decided before importing: Triton modules are only loaded when usable
+    if _mode == "auto" and args[0].dtype not in AUTO_DTYPES:
+        return None
     mod = _triton_module(fn)
     if isinstance(mod, Exception):
         if _mode == "triton":

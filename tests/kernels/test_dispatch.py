@@ -58,8 +58,12 @@ def test_cpu_without_interpreter_is_explained(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_auto_picks_triton_for_supported_cuda_tensors():
-    x, w, b = _ln_args("cuda")
+def test_auto_picks_triton_for_half_precision_cuda_tensors():
+    x, w, b = (t.bfloat16() for t in _ln_args("cuda"))
     with dispatch.mode("auto"):
         assert dispatch.backend("layer_norm", x, w, b) == "triton"
-        assert dispatch.backend("layer_norm", x.double(), w.double(), b.double()) == "reference"
+        assert dispatch.backend("layer_norm", x.float(), w.float(), b.float()) == "reference"
+        q = torch.zeros(4, 2, 160, device="cuda", dtype=torch.bfloat16)  # head dim above 128
+        assert dispatch.backend("varlen_attention", q, q, q) == "reference"
+    with dispatch.mode("triton"):
+        assert dispatch.backend("layer_norm", x.float(), w.float(), b.float()) == "triton"
