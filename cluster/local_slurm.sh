@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A single-node Slurm on this machine, for the tests in tests/slurm/ and for trying
-# cluster/pretrain.sh without a cluster.
+# A Slurm on this machine, for the tests in tests/slurm/ and for trying cluster/pretrain.sh
+# without a cluster: one node, or several nodes in network namespaces (LOCAL_SLURM_NODES).
 #
 #   cluster/local_slurm.sh start [DIR]   install packages if missing, start munged/slurmctld/slurmd
 #   cluster/local_slurm.sh stop [DIR]    cancel jobs, stop the daemons this script started
@@ -11,7 +11,10 @@
 # pid files; nothing is written to /etc/slurm. Clients find the cluster through SLURM_CONF.
 # Exit status: 0 ok, 1 failure (daemon logs are shown), 3 Slurm is not installed and cannot be
 # installed here (no root or no apt-get): the tests skip on 3.
-# Environment: LOCAL_SLURM_CTLD_PORT / LOCAL_SLURM_SLURMD_PORT (default 6817 / 6818).
+# Environment: LOCAL_SLURM_CTLD_PORT / LOCAL_SLURM_SLURMD_PORT (default 6817 / 6818);
+# LOCAL_SLURM_NODES=N (default 1): N>1 starts N slurmd, each in its own network namespace with
+# its own address (cluster/netns_nodes.sh), nodes slurm-n1..N; jobs spanning them need
+# GLOO_SOCKET_IFNAME=sl0 (and NCCL_SOCKET_IFNAME) in their environment.
 set -euo pipefail
 # The daemons and munged live in /usr/sbin, which a non-login root shell may not have on PATH.
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -19,17 +22,33 @@ export PATH="$PATH:/usr/sbin:/sbin"
 CMD="${1:-}"
 DIR="${2:-${LOCAL_SLURM_DIR:-/tmp/local-slurm}}"
 CONF="$DIR/slurm.conf"
-NODE="$(hostname -s)"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CTLD_PORT="${LOCAL_SLURM_CTLD_PORT:-6817}"
 SLURMD_PORT="${LOCAL_SLURM_SLURMD_PORT:-6818}"
 PACKAGES=(munge slurmctld slurmd slurm-client)
 
 log() { echo "local_slurm: $*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+
+# The nodes: one named after this machine on 127.0.0.1, or slurm-n<i> on 10.77.0.<10+i> in
+# namespace slurm-n<i> (slurmctld then listens on the bridge, 10.77.0.1). The count is fixed
+# at start and kept in DIR/nodes for stop/status.
+read_nodes() {
+    local n="$1" i
+    NAMES=() ADDRS=()
+    if [[ "$n" == 1 ]]; then
+        NAMES=("$(hostname -s)") ADDRS=(127.0.0.1) CTLD_ADDR=127.0.0.1
+    else
+        for i in $(seq "$n"); do NAMES+=("slurm-n$i"); ADDRS+=("10.77.0.$((10 + i))"); done
+        CTLD_ADDR=10.77.0.1
+    fi
+}
+NODES="$(cat "$DIR/nodes" 2>/dev/null || echo "${LOCAL_SLURM_NODES:-1}")"
+[[ "$NODES" =~ ^[1-9][0-9]*$ ]] || { log "LOCAL_SLURM_NODES must be a positive number"; exit 2; }
+read_nodes "$NODES"
 
 show_logs() {
     local f
-    for f in "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" /var/log/munge/munged.log; do
+    for f in "$DIR/log/slurmctld.log" "$DIR/log/"slurmd-*.log /var/log/munge/munged.log; do
         [[ -f "$f" ]] || continue
         echo "----- last lines of $f -----" >&2
         tail -n 25 "$f" >&2
@@ -106,15 +125,16 @@ start_munge() {
 }
 
 write_conf() {
-    local cpus mem_mb
+    local cpus mem_mb i
     cpus="$(nproc)"
     # Announce a bit less memory than the machine has: a node claiming more than slurmd
-    # finds is drained ("Low RealMemory").
-    mem_mb="$(free -m | awk '/^Mem:/ {print int($2 * 0.9)}')"
+    # finds is drained ("Low RealMemory"). Namespace nodes share the machine: each gets
+    # all CPUs (oversubscribed) and a share of the memory.
+    mem_mb="$(free -m | awk -v n="$NODES" '/^Mem:/ {print int($2 * 0.9 / n)}')"
     cat >"$CONF" <<EOF
-# Written by cluster/local_slurm.sh: a one-node cluster on $NODE.
+# Written by cluster/local_slurm.sh: ${NODES} node(s) on $(hostname -s).
 ClusterName=local
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$(hostname -s)($CTLD_ADDR)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -144,30 +164,39 @@ JobCompLoc=$DIR/log/jobcomp.txt
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/slurmd-%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+    for i in "${!NAMES[@]}"; do
+        echo "NodeName=${NAMES[$i]} NodeAddr=${ADDRS[$i]} CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
+    done >>"$CONF"
 }
 
-node_state() { sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n 1; }
-
 wait_idle() {
-    local i state=""
+    local i states="" bad
     for i in $(seq 60); do
-        state="$(node_state)"
-        case "$state" in
-            idle|mixed|allocated) log "node $NODE is $state (SLURM_CONF=$CONF)"; return 0 ;;
-            drain*|invalid*|fail*) sinfo -R >&2 || true; fail "node $NODE is $state" ;;
-        esac
+        # "name=state" per node; ready when every node is idle (or already running jobs).
+        states="$(sinfo -h -N -o '%N=%T' 2>/dev/null | sort -u | tr '\n' ' ')"
+        bad="$(grep -oE '\S+=(drain|invalid|fail)\S*' <<<"$states" || true)"
+        [[ -n "$bad" ]] && { sinfo -R >&2 || true; fail "node(s) unusable: $bad"; }
+        if [[ -n "$states" ]] && ! tr ' ' '\n' <<<"${states% }" | grep -qvE '=(idle|mixed|allocated)$'; then
+            log "ready: ${states% } (SLURM_CONF=$CONF)"
+            return 0
+        fi
         sleep 0.5
     done
     sinfo -R >&2 || true
-    fail "node $NODE not idle after 30 s (state: ${state:-none})"
+    fail "nodes not idle after 30 s: ${states:-no answer from sinfo}"
+}
+
+# All slurmd of the cluster alive?
+slurmds_alive() {
+    local name
+    for name in "${NAMES[@]}"; do alive_pid "$DIR/run/slurmd-$name.pid" >/dev/null || return 1; done
 }
 
 start() {
@@ -176,21 +205,35 @@ start() {
     export SLURM_CONF="$CONF"
     if [[ "$(id -u)" != 0 ]]; then log "starting the daemons needs root"; exit 3; fi
     start_munge
-    if alive_pid "$DIR/run/slurmctld.pid" >/dev/null && alive_pid "$DIR/run/slurmd.pid" >/dev/null; then
+    if alive_pid "$DIR/run/slurmctld.pid" >/dev/null && slurmds_alive; then
         log "already running in $DIR"
         wait_idle
         return 0
     fi
+    if [[ "$NODES" -gt 1 ]]; then
+        "$HERE/netns_nodes.sh" up "$NODES" \
+            || { log "cannot create network namespaces for $NODES nodes here"; exit 3; }
+    fi
+    echo "$NODES" >"$DIR/nodes"
     # Rewritten on every start: the machine or the port variables may have changed.
     write_conf
     if ! alive_pid "$DIR/run/slurmctld.pid" >/dev/null; then
         # Nothing of an earlier cluster in DIR is worth recovering: start clean (-c).
         slurmctld -c -f "$CONF" || fail "slurmctld did not start"
     fi
-    if ! alive_pid "$DIR/run/slurmd.pid" >/dev/null; then
-        slurmd -N "$NODE" -f "$CONF" || fail "slurmd did not start"
-    fi
     local i
+    for i in "${!NAMES[@]}"; do
+        alive_pid "$DIR/run/slurmd-${NAMES[$i]}.pid" >/dev/null && continue
+        mkdir -p "$DIR/spool/slurmd-${NAMES[$i]}"
+        if [[ "$NODES" -gt 1 ]]; then
+            # nsenter, not `ip netns exec`: that one mounts a fresh /sys without
+            # /sys/fs/cgroup, and slurmd refuses to start without it.
+            nsenter --net="/run/netns/${NAMES[$i]}" slurmd -N "${NAMES[$i]}" -f "$CONF" \
+                || fail "slurmd ${NAMES[$i]} did not start"
+        else
+            slurmd -N "${NAMES[$i]}" -f "$CONF" || fail "slurmd did not start"
+        fi
+    done
     for i in $(seq 40); do
         scontrol ping >/dev/null 2>&1 && break
         sleep 0.25
@@ -237,16 +280,20 @@ stop() {
             sleep 0.5
         done
     fi
-    terminate slurmd slurmctld
+    local name slurmds=()
+    for name in "${NAMES[@]}"; do slurmds+=("slurmd-$name"); done
+    terminate "${slurmds[@]}" slurmctld
     # munged last (the daemons talk to it while shutting down), and only if we started it.
     terminate munged
+    if [[ "$NODES" -gt 1 ]]; then "$HERE/netns_nodes.sh" down "$NODES"; fi
+    rm -f "$DIR/nodes"
     log "stopped (state kept in $DIR)"
 }
 
 status() {
     export SLURM_CONF="$CONF"
     local name ok=0
-    for name in slurmctld slurmd; do
+    for name in slurmctld "${NAMES[@]/#/slurmd-}"; do
         if pid="$(alive_pid "$DIR/run/$name.pid")"; then echo "$name: running (pid $pid)"
         else echo "$name: not running"; ok=1; fi
     done

@@ -79,7 +79,7 @@ echo "run:    ${trainer[*]}"
 # trainer (exec: signals reach it directly).
 srun --nodes="$nodes" --ntasks="$((per_node * nodes))" --ntasks-per-node="$per_node" \
     --cpus-per-task="$cpus" --label \
-    bash -c 'echo "task $SLURM_PROCID/$SLURM_NTASKS on $(hostname) (local rank $SLURM_LOCALID)"; exec "$@"' \
+    bash -c 'echo "task $SLURM_PROCID/$SLURM_NTASKS on ${SLURMD_NODENAME:-$(hostname)} (local rank $SLURM_LOCALID)"; exec "$@"' \
     task "${trainer[@]}" --config "$CONFIG" "${overrides[@]}" &
 srun_pid=$!
 
