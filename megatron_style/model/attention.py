@@ -17,7 +17,7 @@ import torch.nn as nn
 from kernels import dispatch
 from megatron_style.config import ModelConfig
 from megatron_style.model.layout import TokenLayout
-from megatron_style.model.ways import grouped_linear, grouped_norm
+from megatron_style.model.ways import grouped_add_bias, grouped_linear, grouped_norm
 from megatron_style.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -61,15 +61,15 @@ class MultiwayAttention(nn.Module):
 
         # Project in expert order (one gather in), attend in stream order (one gather out).
         hs = copy_to_tp(grouped_norm(sort(x), counts, self.norm), self.tp)
-        qkv = torch.cat([grouped_linear(hs, counts, self.q_proj),
-                         grouped_linear(hs, counts, self.k_proj),
-                         grouped_linear(hs, counts, self.v_proj)], dim=-1)
+        # q, k and v in one matmul per way (their weights stacked): one pass over hs.
+        qkv = grouped_linear(hs, counts, [(q, k, v) for q, k, v in
+                                          zip(self.q_proj, self.k_proj, self.v_proj)])
         q, k, v = unsort(qkv).view(x.shape[0], 3, self.local_heads, self.head_dim).unbind(1)
         o = self._attend(q, k, v, layout).reshape(x.shape[0], self.local_heads * self.head_dim)
 
         os_ = grouped_norm(sort(o), counts, self.inner_norm)
         out = reduce_from_tp(grouped_linear(os_, counts, self.out_proj, with_bias=False), self.tp)
-        out = dispatch.grouped_add_bias(out, counts, [m.bias for m in self.out_proj])
+        out = grouped_add_bias(out, counts, [m.bias for m in self.out_proj])
         return unsort(out)
 
     def _attend(self, q, k, v, layout: TokenLayout) -> torch.Tensor:

@@ -342,12 +342,16 @@ def validate_packed(b: PackedBatch, cfg: ModelConfig) -> None:
     if int(lens.max()) > b.max_seqlen:
         raise ValueError(f"inconsistent packing: max_seqlen {b.max_seqlen} < longest sample "
                          f"{int(lens.max())}")
+    _check_stream_values(b, n_img * (P + 1), lens)
     if nt:
         lo, hi = int(b.text_ids.min()), int(b.text_ids.max())
         if lo < 0 or hi >= cfg.text_vocab_size:
             bad = hi if hi >= cfg.text_vocab_size else lo
             raise ValueError(f"token id {bad} is out of the text vocabulary "
                              f"[0, {cfg.text_vocab_size})")
+        if int(b.text_pos.min()) < POSITION_OFFSET:
+            raise ValueError(f"inconsistent packing: text_pos counts from {POSITION_OFFSET} "
+                             f"(fairseq convention), got {int(b.text_pos.min())}")
         if int(b.text_pos.max()) >= cfg.max_text_len + POSITION_OFFSET:
             raise ValueError(f"a text has {int(b.text_pos.max()) - POSITION_OFFSET + 1} tokens; "
                              f"the position table takes at most max_text_len={cfg.max_text_len}")
@@ -361,3 +365,44 @@ def validate_packed(b: PackedBatch, cfg: ModelConfig) -> None:
         pos = getattr(b, name)
         if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= T):
             raise ValueError(f"inconsistent packing: {name} points outside the {T}-token stream")
+
+
+def _check_stream_values(b: PackedBatch, image_rows: int, lens: torch.Tensor) -> None:
+    """The metadata that indexes tensors and routes tokens. Wrong values would fail deep inside
+    the forward pass, or worse, silently send tokens to the wrong expert or sample."""
+    T, S = b.num_tokens, lens.shape[0]
+    src = b.token_source.long()
+    if int(src.min()) < 0 or int(src.max()) >= T:
+        raise ValueError(f"inconsistent packing: token_source values must be rows 0..{T - 1} of "
+                         f"the embedded tokens, got [{int(src.min())}, {int(src.max())}]")
+    if not torch.equal(b.token_sample.long(), torch.repeat_interleave(torch.arange(S), lens)):
+        raise ValueError("inconsistent packing: token_sample does not number the tokens by the "
+                         "samples that cu_seqlens lays out")
+    kinds = b.sample_kind.long()
+    if int(kinds.min()) < 0 or int(kinds.max()) >= len(KIND_NAMES):
+        raise ValueError(f"inconsistent packing: sample_kind values must be in 0..{len(KIND_NAMES) - 1} "
+                         f"({', '.join(KIND_NAMES)}), got {kinds.unique().tolist()}")
+    vision = src < image_rows
+    n_vision = torch.zeros(S, dtype=torch.long).index_add_(0, b.token_sample.long(), vision.long())
+    expected_kind = torch.where(n_vision == lens, KIND_IMAGE, torch.where(n_vision == 0, KIND_TEXT, KIND_PAIR))
+    if not torch.equal(kinds, expected_kind):
+        j = int((kinds != expected_kind).nonzero()[0])
+        raise ValueError(f"inconsistent packing: sample {j} is marked {KIND_NAMES[int(kinds[j])]!r} but "
+                         f"holds {int(n_vision[j])} image and {int(lens[j] - n_vision[j])} text tokens")
+    modality = torch.where(vision, VISION, LANGUAGE)
+    for name, r, expert in (("route", b.route, modality),
+                            ("route_vl", b.route_vl, torch.where((kinds == KIND_PAIR)[b.token_sample.long()],
+                                                                 VL, modality))):
+        want = tuple(torch.bincount(expert, minlength=len(r.counts)).tolist())
+        if tuple(r.counts) != want:
+            raise ValueError(f"inconsistent packing: {name} counts {tuple(r.counts)}, but the stream "
+                             f"holds {want} tokens per expert")
+        perm, inv = r.perm.long(), r.inv.long()
+        ok = (perm.shape == inv.shape == (T,) and int(perm.min()) >= 0 and int(perm.max()) < T
+              and int(inv.min()) >= 0 and int(inv.max()) < T)
+        ok = ok and torch.equal(inv[perm], torch.arange(T))
+        ok = ok and torch.equal(expert[perm], torch.repeat_interleave(torch.arange(len(want)),
+                                                                      torch.tensor(want)))
+        if not ok:
+            raise ValueError(f"inconsistent packing: {name}.perm must list the stream positions "
+                             f"sorted by expert and {name}.inv its inverse")

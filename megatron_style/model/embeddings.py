@@ -46,4 +46,6 @@ class PositionTable(nn.Module):
         return self.weight[POSITION_OFFSET:POSITION_OFFSET + n]
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.weight.index_select(0, positions.reshape(-1)).view(*positions.shape, -1)
+        # The width is spelled out: view(..., -1) fails on a batch without text (0 rows).
+        rows = self.weight.index_select(0, positions.reshape(-1))
+        return rows.view(*positions.shape, self.weight.shape[1])

@@ -15,10 +15,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from kernels import dispatch
 from megatron_style.config import ModelConfig
 from megatron_style.model.batch import Route
-from megatron_style.model.ways import grouped_linear, grouped_norm
+from megatron_style.model.ways import grouped_add_bias, grouped_linear, grouped_norm
 from megatron_style.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -64,4 +63,4 @@ class RoutedFFN(nn.Module):
         h = grouped_linear(h, counts, [e.fc1 for e in experts], activation="gelu")
         h = grouped_norm(h, counts, [e.ffn_norm for e in experts])
         h = reduce_from_tp(grouped_linear(h, counts, [e.fc2 for e in experts], with_bias=False), tp)
-        return dispatch.grouped_add_bias(h, counts, [e.fc2.bias for e in experts])
+        return grouped_add_bias(h, counts, [e.fc2.bias for e in experts])

@@ -94,6 +94,17 @@ def released_to_ours(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return out, unknown
 
 
+def _released_name(ours: str, bare: bool) -> str:
+    """Our parameter name (as in model.state_dict()) in the released layout, for messages."""
+    first, _, rest = ours.partition(".")
+    back_heads = {v: k for k, v in _HEADS.items()}
+    if not bare and first in back_heads:
+        return f"{back_heads[first]}.{rest}"
+    body = ours if bare else (rest if first == "beit3" else ours)
+    rel = _to_released(body)
+    return f"beit3.{rel}" if rel is not None else ours
+
+
 def load_released_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor],
                              require_heads: bool = False) -> None:
     """Load a released-layout state dict into a `decoupled` MaskedDataModel (or a bare
@@ -108,12 +119,13 @@ def load_released_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor],
         mapped = {k[len("beit3."):]: v for k, v in mapped.items() if k.startswith("beit3.")}
     own = model.state_dict()
     optional = set() if require_heads or bare else {k for k in own if k.split(".")[0] in _HEADS.values()}
-    missing = sorted(k for k in own if k not in mapped and k not in optional)
-    unexpected = sorted(unknown + [k for k in mapped if k not in own])
-    shapes = sorted(f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+    # Messages use the released names: those are what the user's file holds.
+    missing = sorted(_released_name(k, bare) for k in own if k not in mapped and k not in optional)
+    unexpected = sorted(unknown + [_released_name(k, bare) for k in mapped if k not in own])
+    shapes = sorted(f"{_released_name(k, bare)}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                     for k, v in mapped.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
     if missing or unexpected or shapes:
-        lines = ["the checkpoint does not fit this model:"]
+        lines = ["the checkpoint does not fit this model (released key names):"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
             if items:
                 shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")

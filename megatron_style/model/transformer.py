@@ -20,7 +20,7 @@ from megatron_style.model.batch import LANGUAGE, POSITION_OFFSET, VISION, VL, Pa
 from megatron_style.model.block import MultiwayBlock
 from megatron_style.model.embeddings import PositionTable, VisionEmbedding
 from megatron_style.model.layout import TokenLayout
-from megatron_style.model.ways import ways_norm
+from megatron_style.model.ways import ways_norm, zero_tie
 from megatron_style.parallel.layers import VocabParallelEmbedding
 from megatron_style.parallel.mappings import TPGroup
 
@@ -45,10 +45,24 @@ class MultiwayTransformer(nn.Module):
     # ---- packed -------------------------------------------------------------------------
     def embed_packed(self, b: PackedBatch) -> torch.Tensor:
         D = self.cfg.dim
-        img = self.vision_embed(b.images, b.image_mask)
-        img = img + self.pos_vision.first(self.cfg.image_tokens).to(img.dtype)
-        txt = self.text_embed(b.text_ids) + self.pos_text(b.text_pos).to(img.dtype)
-        table = torch.cat([img.reshape(-1, D), txt.to(img.dtype)], dim=0)
+        has_img, has_txt = b.images.shape[0] > 0, b.text_ids.shape[0] > 0
+        # A modality absent from the batch is not embedded; its parameters are tied in with a
+        # zero (added to the other's position rows) so that they still get a gradient.
+        unused = [] if has_img else [*self.vision_embed.parameters(), self.pos_vision.weight]
+        unused += [] if has_txt else [self.text_embed.weight, self.pos_text.weight]
+        tie = zero_tie(unused)
+        parts = []
+        if has_img:
+            img = self.vision_embed(b.images, b.image_mask)
+            pos = self.pos_vision.first(self.cfg.image_tokens)
+            pos = pos if tie is None else pos + tie
+            parts.append((img + pos.to(img.dtype)).reshape(-1, D))
+        if has_txt:
+            pos = self.pos_text(b.text_pos)
+            pos = pos if tie is None or has_img else pos + tie
+            txt = self.text_embed(b.text_ids) + pos
+            parts.append(txt.to(parts[0].dtype) if parts else txt)
+        table = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         return table.index_select(0, b.token_source)
 
     def layout_packed(self, b: PackedBatch) -> TokenLayout:
