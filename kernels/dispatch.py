@@ -32,6 +32,8 @@ MODES = ("auto", "triton", "reference")
 # still runs fp32 (true fp32 products), for tests and debugging.
 AUTO_DTYPES = (torch.float16, torch.bfloat16)
 _mode = os.environ.get("MEGATRON_STYLE_KERNELS", "auto")
+if _mode not in MODES:
+    raise ValueError(f"MEGATRON_STYLE_KERNELS={_mode!r} is not one of {MODES}")
 
 # function name -> module that holds its Triton implementation
 _TRITON_MODULES = {
@@ -71,7 +73,7 @@ def _triton_module(fn: str):
     if name not in _loaded:
         try:
             _loaded[name] = importlib.import_module(name)
-        except ImportError as e:
+        except Exception as e:  # noqa: BLE001 - a broken Triton install means "reference" in auto
             _loaded[name] = e
     return _loaded[name]
 

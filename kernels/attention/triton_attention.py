@@ -466,6 +466,15 @@ def _check(q, k, v, cu_seqlens, max_seqlen) -> None:
                          f"of shape {tuple(cu_seqlens.shape)}")
     if int(max_seqlen) < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    if not cu_seqlens.is_cuda and cu_seqlens.numel():
+        # Cheap on the host; on a GPU it would cost a synchronisation, so it is skipped there.
+        # Tokens past max_seqlen in a sample would silently get no output.
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0] or (lens.numel() and int(lens.min()) < 0):
+            raise ValueError(f"cu_seqlens must rise from 0 to the {q.shape[0]} tokens, got "
+                             f"{cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
+        if lens.numel() and int(lens.max()) > int(max_seqlen):
+            raise ValueError(f"a sample has {int(lens.max())} tokens but max_seqlen is {max_seqlen}")
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

@@ -256,6 +256,8 @@ class _GroupedLinear(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx, _ = _mm(dz, ctx.counts, ws, False, None, False)  # dX_e = dZ_e W_e
+        if not any(ctx.needs_input_grad[4:]):  # frozen experts
+            return (dx, None, None, None) + (None,) * (len(ws) * (2 if ctx.has_bias else 1))
         dws, dbs = _wgrad(dz, x, ctx.counts, ws, ctx.has_bias)
         return (dx, None, None, None, *dws, *(dbs or ()))
 

@@ -84,6 +84,11 @@ def test_clear_errors(device):
         ta.varlen_attention(q, q, q[..., :8], cu, 4)
     with pytest.raises(ValueError, match="cu_seqlens"):
         ta.varlen_attention(q, q, q, cu.float(), 4)
+    if device == "cpu":
+        with pytest.raises(ValueError, match="a sample has 4 tokens but max_seqlen is 3"):
+            ta.varlen_attention(q, q, q, cu, 3)
+        with pytest.raises(ValueError, match=r"rise from 0 to the 4 tokens, got \[0, 5\]"):
+            ta.varlen_attention(q, q, q, torch.tensor([0, 5], dtype=torch.int32), 5)
     big = torch.zeros(4, 1, 160, device=device)
     assert "head dim 160" in ta.why_unsupported("varlen_attention", big, big, big)
     assert not ta.supports("varlen_attention", q.long(), q.long(), q.long())

@@ -99,3 +99,13 @@ def test_bf16_on_gpu(counts, close):
     for a, b in zip(g, g_ref):
         # dW sums over up to 1200 rows: compare relative to its own scale.
         close(a / max(1.0, b.abs().max().item()), b / max(1.0, b.abs().max().item()), torch.bfloat16, "grad")
+
+
+@pytest.mark.interpreter
+def test_frozen_experts_still_give_the_input_gradient(device, close):
+    x, ws, bs, dy = _params((20, 12), 32, 48, torch.float32, device, True)
+    xg = x.clone().requires_grad_()
+    tg.grouped_linear(xg, (20, 12), ws, bs, "gelu").backward(dy)
+    xr = x.clone().requires_grad_()
+    reference.grouped_linear(xr, (20, 12), ws, bs, "gelu").backward(dy)
+    close(xg.grad, xr.grad, torch.float32, "dx")
