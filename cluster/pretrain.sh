@@ -46,6 +46,10 @@ overrides+=("$@")
 # Rendezvous from Slurm: rank 0 runs on the first node of the job. The port is derived from
 # the job id so that jobs sharing a node do not collide, and stays the same after a requeue.
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+if [[ ${#hosts[@]} -eq 0 ]]; then
+    say "ERROR: scontrol show hostnames '$SLURM_JOB_NODELIST' listed no hosts"
+    exit 1
+fi
 export MASTER_ADDR="${hosts[0]}"
 export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 # sbatch copies the submitting shell's environment: a RANK left there (a torchrun shell)
@@ -77,6 +81,7 @@ echo "run:    ${trainer[*]}"
 # off: it would SIGTERM the other ranks as soon as the first exits 75 and turn 75 into 143.
 # Each task prints where it runs (the trainer itself logs on rank 0 only), then becomes the
 # trainer (exec: signals reach it directly).
+# shellcheck disable=SC2016  # expanded by the task's bash, not here
 srun --nodes="$nodes" --ntasks="$((per_node * nodes))" --ntasks-per-node="$per_node" \
     --cpus-per-task="$cpus" --label \
     bash -c 'echo "task $SLURM_PROCID/$SLURM_NTASKS on ${SLURMD_NODENAME:-$(hostname)} (local rank $SLURM_LOCALID)"; exec "$@"' \
@@ -84,8 +89,10 @@ srun --nodes="$nodes" --ntasks="$((per_node * nodes))" --ntasks-per-node="$per_n
 srun_pid=$!
 
 # The batch shell itself gets signals too (scancel --batch, --signal=B:USR1@.., preemption).
-# Pass them to the tasks as SIGUSR1 (checkpoint and exit 75): srun answers SIGTERM by killing
-# the tasks outright.
+# Pass them to the tasks as SIGUSR1 (checkpoint and exit 75), which srun forwards as it is;
+# a SIGTERM would make srun cancel the whole step (SIGKILL after KillWait). The traps stay
+# after srun ends: a late signal must not kill this shell before it requeues.
+# shellcheck disable=SC2317  # called from the traps
 forward() { say "got SIG$1: asking the trainer to checkpoint and stop"; kill -USR1 "$srun_pid" 2>/dev/null || true; }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
@@ -96,7 +103,6 @@ while kill -0 "$srun_pid" 2>/dev/null; do
 done
 rc=0
 wait "$srun_pid" || rc=$?
-trap - USR1 TERM
 
 case "$rc" in
     0)

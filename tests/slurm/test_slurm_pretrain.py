@@ -101,6 +101,22 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm: LocalSlurm, tmp_path
 
 
 @pytest.mark.slurm
+def test_cancel_stops_for_good(slurm: LocalSlurm, tmp_path):
+    # scancel sends SIGTERM: the trainer still saves and exits 75, but the job must not come
+    # back (`scontrol requeue` would accept the cancelled, still completing job).
+    job = slurm.submit(tmp_path / "cancel", TINY + ["steps=1000", "checkpoint.every_steps=1000"])
+    slurm.wait(job, timeout=180, until=lambda info: len(job.metrics()) >= 1)
+    slurm.run("scancel", job.id)
+    deadline = time.monotonic() + 30
+    while "not requeueing" not in job.output_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "not requeueing" in job.output_text(), slurm.describe(job)
+    time.sleep(2)
+    info = slurm.job_info(job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", slurm.describe(job)
+
+
+@pytest.mark.slurm
 def test_local_slurm_start_is_idempotent(slurm: LocalSlurm):
     t0 = time.monotonic()
     again = slurm.run(str(LOCAL_SLURM), "start", str(slurm.dir))
