@@ -17,7 +17,8 @@ import sys
 from typing import Optional
 
 from megatron_style.config import ConfigError, PretrainConfig, load_config
-from megatron_style.train.trainer import EXIT_CONFIG, EXIT_OK
+from megatron_style.train.exit_codes import BAD_CONFIG as EXIT_CONFIG
+from megatron_style.train.exit_codes import OK as EXIT_OK
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

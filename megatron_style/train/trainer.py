@@ -26,7 +26,10 @@ from megatron_style.train.guards import LossGuard, TooManyNonFinite
 from megatron_style.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
 from megatron_style.train.schedule import learning_rate
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 1, 2, 3, 75
+from megatron_style.train.exit_codes import NONFINITE as EXIT_NONFINITE
+from megatron_style.train.exit_codes import OK as EXIT_OK
+from megatron_style.train.exit_codes import PREEMPTED as EXIT_PREEMPTED
+
 # Test hook: comma-separated steps (1-based) whose loss is replaced by NaN on every rank.
 INJECT_NAN_ENV = "BEIT3_INJECT_NAN_STEPS"
 
@@ -199,7 +202,7 @@ class Trainer:
                 if decision["preempt"]:
                     path = self.save()
                     self._log(f"preemption signal: saved {path} at step {self.step}; exiting "
-                              f"with {EXIT_PREEMPTED} so the job is requeued")
+                              f"with status {EXIT_PREEMPTED} (resume by running the same command)")
                     exit_code = EXIT_PREEMPTED
                     break
                 if self.step % cfg.checkpoint.every_steps == 0 and self.step < last:
