@@ -9,9 +9,11 @@ from megatron_style.model.synthetic import random_batch
 
 
 @pytest.mark.interpreter
-def test_tiny_model_triton_matches_reference(device):
-    cfg = model_config("tiny")
-    cfg.kernels = "triton"
+@pytest.mark.parametrize("attention,vl_layers", [("shared", 1), ("decoupled", 0)])
+def test_tiny_model_triton_matches_reference(attention, vl_layers, device):
+    # shared: the paper's layout (one attention, VL experts on top); decoupled: the released
+    # checkpoints' per-modality projections and norms (grouped ops in attention too).
+    cfg = model_config("tiny", attention=attention, vl_layers=vl_layers, kernels="triton")
     torch.manual_seed(0)
     model = MaskedDataModel(cfg).to(device)
     batch = random_batch(cfg, images=2, texts=2, pairs=2, seed=1)
