@@ -162,6 +162,13 @@ def convert_tp(shards: Sequence[StateDict], cfg: ModelConfig, tensor_size: int) 
     return split_tp(merge_tp(shards, cfg), cfg, tensor_size)
 
 
+def merge_checkpoint_tp(tag_dir: str):
+    """fp32 state dict of a DeepSpeed checkpoint written with any TP degree and ZeRO stage,
+    merged to the single-process layout, plus its step and config (see consolidate.py)."""
+    from megatron_style.parallel.consolidate import merge_checkpoint_tp as merge
+    return merge(tag_dir)
+
+
 # ---- files -----------------------------------------------------------------------------------
 
 def _unwrap(obj: Any, path: str) -> StateDict:

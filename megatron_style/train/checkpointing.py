@@ -117,8 +117,14 @@ def saved_world_size(load_dir: str, tag: str) -> int:
 def load(engine, load_dir: str, tag: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
     """Collective. Restores model and optimizer; returns (shared client state, this rank's
     state or None when the checkpoint was written by a different number of ranks)."""
-    _, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+    # A checkpoint written by another number of data-parallel ranks goes through DeepSpeed's
+    # universal format, which re-splits the ZeRO optimizer state (megatron_style/parallel/elastic.py).
+    from megatron_style.parallel.elastic import load_resharded, needs_resharding
+    if needs_resharding(engine, load_dir, tag):
+        client_state = load_resharded(engine, load_dir, tag)
+    else:
+        _, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, tag)}")
     rank = dist.get_rank() if dist.is_initialized() else 0

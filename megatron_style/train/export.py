@@ -83,6 +83,14 @@ def load_model_file(model: nn.Module, path: str) -> None:
 
 
 def export(path: str, out: str, layout: str = "ours") -> str:
+    if layout == "ours":
+        # Streamed: one tensor in memory at a time, read from memory-mapped ZeRO shards, any
+        # ZeRO stage and TP degree (megatron_style/parallel/consolidate.py).
+        from megatron_style.parallel.consolidate import checkpoint_meta, export_fp32
+        load_dir, tag = _checkpoint_tag_dir(path)
+        tag_dir = os.path.join(load_dir, tag)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        return export_fp32(tag_dir, out, extra=checkpoint_meta(tag_dir))
     sd, meta = consolidated_state_dict(path)
     if layout == "released":
         from megatron_style.model.pretraining import MaskedDataModel
@@ -118,7 +126,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    n = sum(v.numel() for v in torch.load(out, map_location="cpu", weights_only=False)["model"].values())
+    # mmap: counting does not read the (possibly huge) file into memory
+    n = sum(v.numel() for v in torch.load(out, map_location="cpu", weights_only=False,
+                                          mmap=True)["model"].values())
     print(f"wrote {out}: {n / 1e6:.1f}M parameters, {args.layout} layout")
     return 0
 

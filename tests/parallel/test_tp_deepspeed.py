@@ -12,6 +12,8 @@ from megatron_style.parallel.memory_plan import MicroBatch, plan
 from megatron_style.parallel.state import group_ranks
 from tp_launch import run_workers
 
+pytestmark = pytest.mark.multiproc
+
 STAGES = (1, 2, 3)
 
 

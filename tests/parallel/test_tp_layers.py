@@ -20,6 +20,8 @@ from megatron_style.parallel.layers import (
 from megatron_style.parallel.mappings import TPGroup, gather_from_tp, scatter_to_tp
 from tp_launch import run_workers
 
+pytestmark = pytest.mark.multiproc
+
 D, V_EMB, V_CE, N_ROWS = 8, 11, 13, 10
 USED_ROWS = torch.tensor([0, 2, 3, 5, 8, 9])            # masked positions; rows 1, 4, 6, 7 unused
 TARGETS = torch.tensor([0, 6, 7, 12, 3, 7])              # both sides of the 7/6 split boundary

@@ -15,6 +15,8 @@ from megatron_style.parallel.convert import merge_tp, split_tp
 from megatron_style.parallel.mappings import TPGroup
 from tp_launch import run_workers
 
+pytestmark = pytest.mark.multiproc
+
 LAYOUTS = {"shared": dict(attention="shared", vl_layers=1),
            "decoupled": dict(attention="decoupled", vl_layers=0)}
 STEPS = 3
