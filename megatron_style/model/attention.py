@@ -75,8 +75,14 @@ class MultiwayAttention(nn.Module):
     def _attend(self, q, k, v, layout: TokenLayout) -> torch.Tensor:
         scale = self.head_dim ** -0.5
         if layout.packed:
-            return dispatch.varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, scale)
-        B, L = layout.padded_shape
+            # Samples of one length (a batch of images) are a [S, L] batch already: on the CPU
+            # this skips the reference varlen path's padding and unpadding (host ints only).
+            S, L = layout.num_samples, layout.max_seqlen
+            if q.is_cuda or S * L != q.shape[0]:
+                return dispatch.varlen_attention(q, k, v, layout.cu_seqlens, L, scale)
+            B, mask = S, None
+        else:
+            (B, L), mask = layout.padded_shape, layout.key_padding_mask
         qb, kb, vb = (t.view(B, L, self.local_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        o = dispatch.padded_attention(qb, kb, vb, layout.key_padding_mask, scale)
+        o = dispatch.padded_attention(qb, kb, vb, mask, scale)
         return o.transpose(1, 2).reshape(B * L, self.local_heads, self.head_dim)

@@ -10,8 +10,11 @@ from megatron_style.model.synthetic import random_sample
 from megatron_style.model.transformer import MultiwayTransformer
 
 TOL = 1e-5
-KINDS = ["image", "text", "pair", "text", "image", "pair", "pair", "text", "image"]
-TEXT_LENS = [0, 5, 9, 17, 0, 3, 12, 1, 0]
+MIXED = (["image", "text", "pair", "text", "image", "pair", "pair", "text", "image"],
+         [0, 5, 9, 17, 0, 3, 12, 1, 0])
+# One kind, one length: the packed stream is then an [S, L] batch (attention's shortcut).
+IMAGES = (["image"] * 3, [0] * 3)
+PAIRS = (["pair"] * 3, [6] * 3)
 
 
 def _padded_outputs(model, samples, kind):
@@ -38,18 +41,20 @@ def _padded_outputs(model, samples, kind):
 
 
 @pytest.mark.parametrize("layout", ["shared", "decoupled"])
-def test_packed_equals_padded_per_kind(layout, randomize):
+@pytest.mark.parametrize("batch_kinds", [MIXED, IMAGES, PAIRS], ids=["mixed", "images", "pairs"])
+def test_packed_equals_padded_per_kind(layout, batch_kinds, randomize):
+    kinds, text_lens = batch_kinds
     cfg = model_config("tiny", attention=layout, vl_layers=1 if layout == "shared" else 0,
                        kernels="reference")
     model = randomize(MultiwayTransformer(cfg), std=0.1).eval()
     g = torch.Generator().manual_seed(0)
-    samples = [random_sample(cfg, k, max(n, 1), g) for k, n in zip(KINDS, TEXT_LENS)]
+    samples = [random_sample(cfg, k, max(n, 1), g) for k, n in zip(kinds, text_lens)]
     batch = pack_samples(samples, cfg)
     with torch.no_grad():
         packed = model.encode(batch)
-        expected = {k: iter(_padded_outputs(model, samples, k)) for k in ("image", "text", "pair")}
+        expected = {k: iter(_padded_outputs(model, samples, k)) for k in set(kinds)}
     cu = batch.cu_seqlens.tolist()
-    for j, kind in enumerate(KINDS):
+    for j, kind in enumerate(kinds):
         want = next(expected[kind])
         got = packed[cu[j]:cu[j + 1]]
         assert got.shape == want.shape
