@@ -8,8 +8,7 @@ Logits are computed for the masked positions alone, through `kernels.dispatch.ma
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -23,8 +22,10 @@ from megatron_style.parallel.layers import ColumnParallelLinear
 from megatron_style.parallel.mappings import TPGroup, tp_size
 
 
-@dataclass
-class MDMOutput:
+class MDMOutput(NamedTuple):
+    # A NamedTuple rather than a dataclass: DeepSpeed ZeRO-3 hooks the tensors of a module's
+    # output to gather parameters again for backward, and sees only inside tuples, lists,
+    # dicts and NamedTuples (megatron_style/parallel/zero3.py).
     loss: torch.Tensor   # scalar: mean over every masked target of the batch
     # [len(TARGET_STREAMS), 3] detached: (loss sum, target count, correct count) per stream,
     # for per-stream loss and masked-token accuracy (pixel targets count no "correct").

@@ -16,8 +16,9 @@ split along dim 1). `universal_checkpoint_info(model)` derives that from our lay
 the trainer attaches it as `model.universal_checkpoint_info` before deepspeed.initialize
 (DeepSpeed saves that attribute with every checkpoint). DeepSpeed's loader cuts the merged
 tensors back into equal chunks, so a model with an uneven vocabulary split (64010 over 4)
-resumes on another data-parallel size only at TP degrees that divide its vocabularies; to
-change the TP degree itself, `convert.py` re-splits the model weights.
+resumes on another data-parallel size only at TP degrees that divide its vocabularies, and
+only under ZeRO-1/2 (DeepSpeed's ZeRO-3 universal loader does not cut TP slices). To change
+the TP degree itself, `convert.py` re-splits the model weights.
 """
 from __future__ import annotations
 
@@ -90,6 +91,13 @@ def load_resharded(engine, load_dir: str, tag: str) -> dict[str, Any]:
     state and the per-rank files)."""
     layout = saved_layout(os.path.join(load_dir, tag))
     if layout is not None and layout[1] > 1:
+        if engine.zero_optimization_stage() == 3:
+            # DeepSpeed's ZeRO-3 universal loader does not cut tensor-parallel slices.
+            raise NotImplementedError(
+                f"{os.path.join(load_dir, tag)}: resuming a tensor-parallel ZeRO-3 checkpoint "
+                f"on another number of data-parallel ranks ({layout[0]} -> "
+                f"{engine.dp_world_size}) is not supported; resume on {layout[0]} data-parallel "
+                "ranks, or use ZeRO-1/2 with tensor parallelism")
         _require_tp_info(os.path.join(load_dir, tag))
     rank = dist.get_rank() if dist.is_initialized() else 0
     error = [None]

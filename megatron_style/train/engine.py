@@ -105,6 +105,12 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def build_engine(model: nn.Module, cfg: PretrainConfig, device: torch.device, mpu: Optional[Any] = None):
     import deepspeed
 
+    if cfg.parallel.zero_stage == 3:
+        # The blocks apply their sub-modules' weights themselves (grouped ops): tell ZeRO-3
+        # which module needs which parameters, so it gathers them per block for forward and
+        # backward (megatron_style/parallel/zero3.py).
+        from megatron_style.parallel.zero3 import register_zero3_parameters
+        register_zero3_parameters(model, model.beit3.layers)
     optimizer = build_optimizer(model, cfg, device)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(cfg), mpu=mpu)

@@ -57,6 +57,11 @@ class Trainer:
         # per-data-parallel-rank seed for drop path and other randomness of the step.
         torch.manual_seed(cfg.seed)
         self.model = MaskedDataModel(cfg.model, self.tp)
+        if self.tp is not None:
+            # Saved with every checkpoint: how tensor-parallel slices merge, so a TP run can
+            # resume on another number of data-parallel ranks (parallel/elastic.py).
+            from megatron_style.parallel.elastic import universal_checkpoint_info
+            self.model.universal_checkpoint_info = universal_checkpoint_info(self.model)
         if cfg.checkpoint.init_from:
             from megatron_style.train.export import load_model_file
             load_model_file(self.model, cfg.checkpoint.init_from)

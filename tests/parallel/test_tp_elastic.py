@@ -25,18 +25,6 @@ def _cfg():
     return model_config("tiny", text_vocab_size=999, kernels="reference")
 
 
-class _TupleOutput(torch.nn.Module):
-    """(loss, stats): ZeRO-3's backward hooks need tensors they can see in the output."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, b):
-        out = self.model(b)
-        return out.loss, out.stats
-
-
 def _engine(stage, seed):
     import deepspeed
 
@@ -44,9 +32,9 @@ def _engine(stage, seed):
     from megatron_style.parallel.zero3 import register_zero3_parameters
 
     torch.manual_seed(seed)
-    model = _TupleOutput(MaskedDataModel(_cfg()))
+    model = MaskedDataModel(_cfg())
     if stage == 3:
-        register_zero3_parameters(model, model.model.beit3.layers)
+        register_zero3_parameters(model, model.beit3.layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
           "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
@@ -59,7 +47,7 @@ def _step(engine, seed):
 
     from megatron_style.model.synthetic import random_batch
     b = random_batch(_cfg(), 1, 1, 1, seed=seed + 10 * dist.get_rank())
-    loss = engine(b)[0]
+    loss = engine(b).loss
     engine.backward(loss)
     engine.step()
     return loss.detach()
@@ -134,7 +122,7 @@ def test_resume_on_other_data_parallel_size_restores_weights_and_moments(runs, s
         assert torch.equal(gm, m), f"exp_avg of {name}"
         assert torch.equal(gv, v), f"exp_avg_sq of {name}"
     assert torch.isfinite(got["loss"])
-    assert float(want["model.text_head.weight"][2].abs().max()) > 0   # moments are not empty
+    assert float(want["text_head.weight"][2].abs().max()) > 0   # moments are not empty
 
 
 @pytest.mark.parametrize("stage", STAGES)
