@@ -8,6 +8,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_intra_op_thread():
+    """These tests run small tensors: on a busy 2-core machine two intra-op threads mostly wait
+    for each other (this folder took 26 s with 2 threads, 7 s with 1, at load 6)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomize(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
     """Every parameter, LayerNorms included, drawn from N(0, std): unlike the init (ones, zeros,
     equal ways) this makes every mix-up of ways, experts or norms visible in the outputs."""
