@@ -142,6 +142,11 @@ def _ranks(tag_dir: str) -> list[_TensorRank]:
     return ranks
 
 
+def tensor_rank_state_dicts(tag_dir: str) -> list[dict[str, torch.Tensor]]:
+    """The fp32 state dict of each tensor-parallel rank, unmerged (for convert.py)."""
+    return [{k: r.read(k) for k in r.shapes} for r in _ranks(tag_dir)]
+
+
 def fp32_parameters(tag_dir: str, cfg: Optional[ModelConfig] = None
                     ) -> tuple[dict[str, torch.Size], Iterator[tuple[str, torch.Tensor]]]:
     """(full shapes, iterator of (name, fp32 tensor)) for the checkpoint in `tag_dir`.

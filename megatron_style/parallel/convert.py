@@ -12,15 +12,15 @@ row range of each rank comes from `shard_range`, which also covers uneven vocabu
     shards = split_tp(sd, cfg, 4)                     # -> 4 per-rank state dicts
 
 Command line (files hold a plain state dict, or a dict with it under "module" / "model"; a
-DeepSpeed ZeRO-1/2 checkpoint directory with mp_rank_XX_model_states.pt files works too):
+trainer checkpoint directory works too, at any ZeRO stage, and brings its own config):
 
     beit3-convert-tp --preset giant --tensor 1 rank0.pt rank1.pt --out model.pt
     beit3-convert-tp --config configs/pretrain/giant.yaml --tensor 4 model.pt --out tp4/
+    beit3-convert-tp runs/giant/checkpoints/step_00100000 --tensor 1 --out model.pt
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 from dataclasses import dataclass
@@ -183,14 +183,11 @@ def _unwrap(obj: Any, path: str) -> StateDict:
 
 
 def read_shards(inputs: Sequence[str]) -> list[StateDict]:
-    """Files in tensor-rank order, or one DeepSpeed checkpoint directory (ZeRO-1/2: its
-    mp_rank_XX_model_states.pt hold the model weights; ZeRO-3 ones hold placeholders)."""
+    """Files in tensor-rank order, or one DeepSpeed checkpoint directory (a step_XXXXXXXX
+    directory of the trainer; any ZeRO stage: the fp32 master weights are read)."""
     if len(inputs) == 1 and os.path.isdir(inputs[0]):
-        files = sorted(glob.glob(os.path.join(inputs[0], "mp_rank_*_model_states.pt")))
-        if not files:
-            raise ValueError(f"{inputs[0]}: no mp_rank_*_model_states.pt files in this directory")
-        # DeepSpeed's own files hold non-tensor objects (config, versions): trusted input.
-        return [_unwrap(torch.load(f, map_location="cpu", weights_only=False), f) for f in files]
+        from megatron_style.parallel.consolidate import tensor_rank_state_dicts
+        return tensor_rank_state_dicts(inputs[0])
     for f in inputs:
         if not os.path.isfile(f):
             raise ValueError(f"input {f!r} does not exist")
@@ -210,6 +207,14 @@ def write_shards(shards: list[StateDict], out: str) -> list[str]:
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    if not args.config and not args.preset:
+        # A trainer checkpoint records its config.
+        from megatron_style.parallel.consolidate import checkpoint_config
+        cfg = (checkpoint_config(args.inputs[0])
+               if len(args.inputs) == 1 and os.path.isdir(args.inputs[0]) else None)
+        if cfg is None:
+            raise ValueError("give --preset or --config: the inputs do not record a model config")
+        return cfg
     if args.config:
         return load_config(args.config, [f"model.{s}" for s in args.set]).model
     overrides = {}
@@ -223,14 +228,15 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="beit3-convert-tp", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="model preset: tiny, base, large, giant")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="model preset: tiny, base, large, giant (not needed for a "
+                     "trainer checkpoint directory, which records its config)")
     src.add_argument("--config", help="pretraining recipe (YAML/JSON); its `model` section is used")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model field override, e.g. --set text_vocab_size=64010 (repeatable)")
     p.add_argument("--tensor", type=int, required=True, help="tensor-parallel degree to write")
     p.add_argument("inputs", nargs="+", help="per-rank state dict files in tensor-rank order, "
-                   "or a DeepSpeed checkpoint directory (ZeRO-1/2)")
+                   "or one checkpoint directory of the trainer (step_XXXXXXXX, any ZeRO stage)")
     p.add_argument("--out", required=True,
                    help="output file for --tensor 1, else a directory for tp_rank_XX.pt files")
     p.add_argument("--no-check-replicated", action="store_true",

@@ -57,6 +57,13 @@ def test_tp2_dp2_matches_tp1_through_the_trainer(tmp_path, tp1, stage):
     ex = torch.load(out, weights_only=False)
     assert ex["step"] == 3 and "tensor: 2" in ex["config"]
     assert all(torch.equal(ex["model"][k], b[k]) for k in b)
+    # beit3-convert-tp reads the checkpoint directory (config included) and re-splits it
+    from megatron_style.parallel.convert import main as convert_main
+    tp4 = tmp_path / "tp4"
+    assert convert_main([str(tmp_path / "run" / "ckpt" / "step_00000003"), "--tensor", "4",
+                         "--out", str(tp4)]) == 0
+    shards = [torch.load(tp4 / f"tp_rank_0{r}.pt", weights_only=True) for r in range(4)]
+    assert [s_["text_head.weight"].shape[0] for s_ in shards] == [250, 250, 250, 248]
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, tp1):
