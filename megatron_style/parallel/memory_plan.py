@@ -170,7 +170,7 @@ def plan(cfg: ModelConfig, tensor: int, zero: int, data_parallel: int, mb: Micro
     inp_saved = a["block_input"] * (tensor - 1) // tensor
     return MemoryPlan(zero=zero, params=params, grads=grads, optimizer=opt, activations=full,
                       activations_checkpointed=ckpt,
-                      zero3_gathered=2 * s.largest_layer * pb if zero == 3 else 0,
+                      zero3_gathered=2 * s.largest_layer * pb if zero == 3 and dp > 1 else 0,
                       sp_saving=L * rep_saved, sp_saving_checkpointed=L * inp_saved + rep_saved)
 
 
