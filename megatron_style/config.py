@@ -342,8 +342,11 @@ class ParallelConfig:
         _check(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage",
                f"must be one of 0, 1, 2, 3, got {self.zero_stage}")
         _check(self.grad_accum >= 1, f"{key}.grad_accum", f"must be >= 1, got {self.grad_accum}")
-        _check(not (self.sequence_parallel and self.tensor == 1), f"{key}.sequence_parallel",
-               "needs parallel.tensor > 1")
+        _check(not self.sequence_parallel, f"{key}.sequence_parallel",
+               "is not supported: for packed streams of <= 300-token samples it would save ~2 GiB "
+               "on the giant (0.6 GiB with activation checkpointing) at the cost of re-routing "
+               "the expert-sorted stream around every collective; use "
+               "parallel.activation_checkpointing instead (see megatron_style/parallel/state.py)")
         _check(not self.deepspeed_file or os.path.isfile(self.deepspeed_file),
                f"{key}.deepspeed_file", f"{self.deepspeed_file!r} does not exist")
         extra = dict(self.deepspeed)

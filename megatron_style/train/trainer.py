@@ -284,11 +284,26 @@ class Trainer:
             scalars[f"data/skipped/{reason}"] = float(n)
         self.metrics.log_step(self.step, scalars)
 
+    def _global_parameter_count(self) -> int:
+        """Parameters of the whole model: split ones summed over the tensor-parallel group,
+        replicated ones once (collective over the TP group)."""
+        def numel(p) -> int:  # ZeRO-3 leaves an empty placeholder; ds_numel is the real size
+            return getattr(p, "ds_numel", p.numel())
+
+        params = list(self.model.parameters())
+        split = sum(numel(p) for p in params if getattr(p, "tensor_model_parallel", False))
+        replicated = sum(numel(p) for p in params if not getattr(p, "tensor_model_parallel", False))
+        if self.tp is not None and self.tp.size > 1:
+            t = torch.tensor([split], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, group=self.tp.group)
+            split = int(t.item())
+        return split + replicated
+
     def _print_startup(self, resumed: Optional[str]) -> None:
+        n_params = self._global_parameter_count()  # collective: every rank takes part
         if self.rank != 0:
             return
         from megatron_style.model.batch import KIND_NAMES
-        n_params = sum(p.numel() for p in self.model.parameters()) * (self.world // self.dp_world)
         counts = self.cfg.data.stream_counts()
         micro = self.cfg.data.micro_batch_size
         per_step = micro * self.cfg.parallel.grad_accum * self.dp_world
