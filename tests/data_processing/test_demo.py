@@ -73,7 +73,7 @@ def test_text_stream_uses_the_caption_vocabulary():
         {"a", "there", "is", "and"}
     texts = DemoSource(32).sentences(300)
     assert all(set(t.split()) <= known for t in texts)
-    assert len(set(texts)) > 200
+    assert len(set(texts)) > 120   # 48 single-shape sentences, ~9000 two-shape ones
 
 
 def test_demo_tokenizer_word_by_word_equals_whole_caption(demo_text_tok):

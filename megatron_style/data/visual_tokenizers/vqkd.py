@@ -157,9 +157,14 @@ class VQKDTokenizer(VisualTokenizer):
                              f"{tuple(x.shape[-2:])}")
         w = self.encode_task_layer[0].weight
         feats = self.encoder(x.to(w.dtype))
-        z = F.normalize(self.encode_task_layer(feats).float(), dim=-1)
-        codes = F.normalize(self.quantize.embedding.weight.float(), dim=-1)
-        return (z @ codes.t()).argmax(-1)
+        # As in BEiT v2: the task layer and the code lookup in fp32 even under autocast, so
+        # near-ties between codes are not decided by bf16 rounding.
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            l0, l2 = self.encode_task_layer[0], self.encode_task_layer[2]
+            h = torch.tanh(F.linear(feats.float(), l0.weight.float(), l0.bias.float()))
+            z = F.normalize(F.linear(h, l2.weight.float(), l2.bias.float()), dim=-1)
+            codes = F.normalize(self.quantize.embedding.weight.float(), dim=-1)
+            return (z @ codes.t()).argmax(-1)
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
