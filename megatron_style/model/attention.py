@@ -53,36 +53,52 @@ class MultiwayAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         route = layout.route
-        if self.ways == 1:
-            counts = (x.shape[0],)
-            sort = unsort = (lambda t: t)
-        else:
-            counts, sort, unsort = route.counts, route.sort, route.unsort
+        # Rows are sorted by way only when there are two ways and both have tokens.
+        by_way = self.ways > 1 and not route.trivial
+        counts = route.counts if self.ways > 1 else (x.shape[0],)
+        sort = route.sort if by_way else (lambda t: t)
+        unsort = route.unsort if by_way else (lambda t: t)
 
-        # Project in expert order (one gather in), attend in stream order (one gather out).
+        # Project in way order, attend per sample, normalise and project out in way order.
         hs = copy_to_tp(grouped_norm(sort(x), counts, self.norm), self.tp)
         # q, k and v in one matmul per way (their weights stacked): one pass over hs.
         qkv = grouped_linear(hs, counts, [(q, k, v) for q, k, v in
                                           zip(self.q_proj, self.k_proj, self.v_proj)])
-        q, k, v = unsort(qkv).view(x.shape[0], 3, self.local_heads, self.head_dim).unbind(1)
-        o = self._attend(q, k, v, layout).reshape(x.shape[0], self.local_heads * self.head_dim)
-
-        os_ = grouped_norm(sort(o), counts, self.inner_norm)
+        o = self._attend(qkv, layout, by_way)
+        os_ = grouped_norm(o, counts, self.inner_norm)
         out = reduce_from_tp(grouped_linear(os_, counts, self.out_proj, with_bias=False), self.tp)
         out = grouped_add_bias(out, counts, [m.bias for m in self.out_proj])
         return unsort(out)
 
-    def _attend(self, q, k, v, layout: TokenLayout) -> torch.Tensor:
-        scale = self.head_dim ** -0.5
+    def _attend(self, qkv: torch.Tensor, layout: TokenLayout, by_way: bool) -> torch.Tensor:
+        """Attention inside each sample; rows of qkv [T, 3 x width] and of the result
+        [T, width] are in way order when `by_way`, else in stream order."""
+        T, H, d = qkv.shape[0], self.local_heads, self.head_dim
+        scale = d ** -0.5
+        route = layout.route
+        if layout.packed and _varlen_kernel_in_use(qkv):
+            q, k, v = (route.unsort(qkv) if by_way else qkv).view(T, 3, H, d).unbind(1)
+            o = dispatch.varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, scale)
+            o = o.reshape(T, H * d)
+            return route.sort(o) if by_way else o
+        # Otherwise as a [B, L] batch: one gather into its slots, one gather back out.
         if layout.packed:
-            # Samples of one length (a batch of images) are a [S, L] batch already: on the CPU
-            # this skips the reference varlen path's padding and unpadding (host ints only).
-            S, L = layout.num_samples, layout.max_seqlen
-            if q.is_cuda or S * L != q.shape[0]:
-                return dispatch.varlen_attention(q, k, v, layout.cu_seqlens, L, scale)
-            B, mask = S, None
+            B, L = layout.num_samples, layout.max_seqlen
+            gather_in, mask, gather_out = layout.padded_gathers(by_way)
         else:
             (B, L), mask = layout.padded_shape, layout.key_padding_mask
-        qb, kb, vb = (t.view(B, L, self.local_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        o = dispatch.padded_attention(qb, kb, vb, mask, scale)
-        return o.transpose(1, 2).reshape(B * L, self.local_heads, self.head_dim)
+            gather_in, gather_out = (route.inv, route.perm) if by_way else (None, None)
+        if gather_in is not None:
+            qkv = qkv.index_select(0, gather_in)
+        q, k, v = qkv.view(B, L, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, d]
+        o = dispatch.padded_attention(q, k, v, mask, scale).transpose(1, 2).reshape(B * L, H * d)
+        return o if gather_out is None else o.index_select(0, gather_out)
+
+
+def _varlen_kernel_in_use(t: torch.Tensor) -> bool:
+    """Whether dispatch runs a fused varlen attention kernel on `t`. Otherwise its reference
+    would pad q, k and v one by one; attending the stream as a padded batch here costs two
+    gathers per layer instead (their indices are computed once per forward, in the layout)."""
+    mode = dispatch.get_mode()
+    return mode == "triton" or (mode == "auto" and t.is_cuda
+                                and dispatch.triton_available("varlen_attention"))
