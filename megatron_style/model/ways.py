@@ -24,7 +24,7 @@ from megatron_style.parallel.mappings import tp_size
 
 class _ZeroTie(torch.autograd.Function):
     """Forward: a scalar 0, computed from nothing. Backward: a zero gradient for each input,
-    as a broadcast view (no memory): reading a 49M-row embedding just to multiply it by 0
+    as a broadcast view (no memory): reading a 64010 x 768 embedding just to multiply it by 0
     would cost more than the whole tie is worth."""
 
     @staticmethod
