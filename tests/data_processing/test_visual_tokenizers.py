@@ -77,6 +77,8 @@ def test_vqkd_loads_released_layout_and_matches_reference(tmp_path):
     assert ids.shape == (3, 4) and ids.dtype == torch.long
     assert torch.equal(ids, reference_ids(sd, x))
     assert torch.equal(tok(x * 2 - 1), ids)   # same resolution: the model's view suffices
+    model_view = x * 2 - 1
+    assert torch.equal(tok(model_view, model_view), ids)   # the same tensor twice: model's view
     assert len(set(ids.flatten().tolist())) > 1
     assert not any(p.requires_grad for p in tok.parameters())
 

@@ -3,7 +3,8 @@
 `forward(images, tokenizer_images=None)`:
   images            [n, 3, H, W], the model's input (normalised to [-1, 1], see transforms.py)
   tokenizer_images  [n, 3, T, T] in [0, 1], the same crops at the tokenizer's resolution, given
-                    when `needs_tokenizer_images` (e.g. VQ-KD, patch 16, under a patch-14 model)
+                    when `needs_tokenizer_images` (e.g. VQ-KD, patch 16, under a patch-14 model);
+                    otherwise None (passing `images` itself again is accepted and means the same)
 returns           [n, P] long ids in [0, vocab_size), or [n, P, patch_dim] float targets
                   (`vocab_size` None), P = the model's patches, row-major over the grid.
 

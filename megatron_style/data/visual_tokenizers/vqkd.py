@@ -145,6 +145,9 @@ class VQKDTokenizer(VisualTokenizer):
     @torch.no_grad()
     def forward(self, images: torch.Tensor,
                 tokenizer_images: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if tokenizer_images is images:
+            # A caller passing the model's images for both: they are the model's view, [-1, 1].
+            tokenizer_images = None
         if tokenizer_images is not None:
             x = tokenizer_images * 2.0 - 1.0  # [0, 1] -> [-1, 1]
         elif self.needs_tokenizer_images:
