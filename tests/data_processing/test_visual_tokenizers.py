@@ -53,11 +53,13 @@ def reference_ids(sd, x01):
         p = lambda n: sd[f"encoder.blocks.{i}.{n}"]  # noqa: E731
         h = F.layer_norm(x, (DIM,), p("norm1.weight"), p("norm1.bias"), 1e-6)
         bias = torch.cat([p("attn.q_bias"), torch.zeros(DIM), p("attn.v_bias")])
-        q, k, v = (h @ p("attn.qkv.weight").t() + bias).reshape(*h.shape[:2], 3, H, DIM // H).permute(2, 0, 3, 1, 4)
+        qkv = (h @ p("attn.qkv.weight").t() + bias).reshape(*h.shape[:2], 3, H, DIM // H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         a = ((q / math.sqrt(DIM // H)) @ k.transpose(-1, -2)).softmax(-1) @ v
         x = x + a.transpose(1, 2).reshape(h.shape) @ p("attn.proj.weight").t() + p("attn.proj.bias")
         h = F.layer_norm(x, (DIM,), p("norm2.weight"), p("norm2.bias"), 1e-6)
-        x = x + F.gelu(h @ p("mlp.fc1.weight").t() + p("mlp.fc1.bias")) @ p("mlp.fc2.weight").t() + p("mlp.fc2.bias")
+        m = F.gelu(h @ p("mlp.fc1.weight").t() + p("mlp.fc1.bias"))
+        x = x + m @ p("mlp.fc2.weight").t() + p("mlp.fc2.bias")
     f = F.layer_norm(x[:, 1:], (DIM,), sd["encoder.fc_norm.weight"], sd["encoder.fc_norm.bias"], 1e-6)
     z = torch.tanh(f @ sd["encode_task_layer.0.weight"].t() + sd["encode_task_layer.0.bias"])
     z = F.normalize(z @ sd["encode_task_layer.2.weight"].t() + sd["encode_task_layer.2.bias"], dim=-1)
