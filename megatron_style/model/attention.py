@@ -17,7 +17,7 @@ import torch.nn as nn
 from kernels import dispatch
 from megatron_style.config import ModelConfig
 from megatron_style.model.layout import TokenLayout
-from megatron_style.model.ways import grouped_add_bias, grouped_linear, grouped_norm
+from megatron_style.model.ways import grouped_linear, grouped_norm, row_parallel_out
 from megatron_style.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -25,7 +25,7 @@ from megatron_style.parallel.layers import (
     even_shard,
     sublayer_init_scale,
 )
-from megatron_style.parallel.mappings import TPGroup, copy_to_tp, reduce_from_tp
+from megatron_style.parallel.mappings import TPGroup, copy_to_tp
 from typing import Optional
 
 
@@ -60,24 +60,22 @@ class MultiwayAttention(nn.Module):
         unsort = route.unsort if by_way else (lambda t: t)
 
         # Project in way order, attend per sample, normalise and project out in way order.
+        # (q, k, v stay three matmuls: stacking their weights each step costs more on the CPU
+        # than one wider matmul saves.)
         hs = copy_to_tp(grouped_norm(sort(x), counts, self.norm), self.tp)
-        # q, k and v in one matmul per way (their weights stacked): one pass over hs.
-        qkv = grouped_linear(hs, counts, [(q, k, v) for q, k, v in
-                                          zip(self.q_proj, self.k_proj, self.v_proj)])
+        qkv = [grouped_linear(hs, counts, proj) for proj in (self.q_proj, self.k_proj, self.v_proj)]
         o = self._attend(qkv, layout, by_way)
         os_ = grouped_norm(o, counts, self.inner_norm)
-        out = reduce_from_tp(grouped_linear(os_, counts, self.out_proj, with_bias=False), self.tp)
-        out = grouped_add_bias(out, counts, [m.bias for m in self.out_proj])
-        return unsort(out)
+        return unsort(row_parallel_out(os_, counts, self.out_proj, self.tp))
 
-    def _attend(self, qkv: torch.Tensor, layout: TokenLayout, by_way: bool) -> torch.Tensor:
-        """Attention inside each sample; rows of qkv [T, 3 x width] and of the result
-        [T, width] are in way order when `by_way`, else in stream order."""
-        T, H, d = qkv.shape[0], self.local_heads, self.head_dim
+    def _attend(self, qkv: list[torch.Tensor], layout: TokenLayout, by_way: bool) -> torch.Tensor:
+        """Attention inside each sample; rows of q, k, v [T, width] and of the result are in
+        way order when `by_way`, else in stream order."""
+        T, H, d = qkv[0].shape[0], self.local_heads, self.head_dim
         scale = d ** -0.5
         route = layout.route
-        if layout.packed and _varlen_kernel_in_use(qkv):
-            q, k, v = (route.unsort(qkv) if by_way else qkv).view(T, 3, H, d).unbind(1)
+        if layout.packed and _varlen_kernel_in_use(qkv[0]):
+            q, k, v = ((route.unsort(t) if by_way else t).view(T, H, d) for t in qkv)
             o = dispatch.varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, scale)
             o = o.reshape(T, H * d)
             return route.sort(o) if by_way else o
@@ -88,9 +86,8 @@ class MultiwayAttention(nn.Module):
         else:
             (B, L), mask = layout.padded_shape, layout.key_padding_mask
             gather_in, gather_out = (route.inv, route.perm) if by_way else (None, None)
-        if gather_in is not None:
-            qkv = qkv.index_select(0, gather_in)
-        q, k, v = qkv.view(B, L, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, d]
+        q, k, v = ((t if gather_in is None else t.index_select(0, gather_in))
+                   .view(B, L, H, d).transpose(1, 2) for t in qkv)
         o = dispatch.padded_attention(q, k, v, mask, scale).transpose(1, 2).reshape(B * L, H * d)
         return o if gather_out is None else o.index_select(0, gather_out)
 

@@ -17,14 +17,14 @@ import torch.nn as nn
 
 from megatron_style.config import ModelConfig
 from megatron_style.model.batch import Route
-from megatron_style.model.ways import grouped_add_bias, grouped_linear, grouped_norm
+from megatron_style.model.ways import grouped_linear, grouped_norm, row_parallel_out
 from megatron_style.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     ShardedLayerNorm,
     sublayer_init_scale,
 )
-from megatron_style.parallel.mappings import TPGroup, copy_to_tp, reduce_from_tp
+from megatron_style.parallel.mappings import TPGroup, copy_to_tp
 
 EXPERT_NAMES = ("vision", "language", "vision_language")
 
@@ -62,5 +62,4 @@ class RoutedFFN(nn.Module):
         h = copy_to_tp(grouped_norm(xs, counts, [e.norm for e in experts]), tp)
         h = grouped_linear(h, counts, [e.fc1 for e in experts], activation="gelu")
         h = grouped_norm(h, counts, [e.ffn_norm for e in experts])
-        h = reduce_from_tp(grouped_linear(h, counts, [e.fc2 for e in experts], with_bias=False), tp)
-        return grouped_add_bias(h, counts, [e.fc2.bias for e in experts])
+        return row_parallel_out(h, counts, [e.fc2 for e in experts], tp)

@@ -11,7 +11,7 @@ still get a (zero) gradient: ZeRO and DDP expect a gradient for every parameter 
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ import torch.nn as nn
 from kernels import dispatch
 from megatron_style.model.batch import Route
 from megatron_style.parallel.layers import ShardedLayerNorm, sharded_layer_norm
-from megatron_style.parallel.mappings import tp_size
+from megatron_style.parallel.mappings import reduce_from_tp, tp_size
 
 
 class _ZeroTie(torch.autograd.Function):
@@ -87,34 +87,15 @@ def ways_norm(x: torch.Tensor, route: Route, norms: nn.ModuleList) -> torch.Tens
     return route.unsort(grouped_norm(route.sort(x), route.counts, norms))
 
 
-Linears = Union[nn.Module, Sequence[nn.Module]]
-
-
-def _stack(linears: Linears, attr: str) -> Optional[torch.Tensor]:
-    """A group's weight (or bias); a tuple of linears is one matmul with their weights stacked
-    (q, k and v read the same input), its output their outputs side by side."""
-    if isinstance(linears, nn.Module):
-        return getattr(linears, attr)
-    ts = [getattr(m, attr) for m in linears]
-    if any(t is None for t in ts):
-        return None
-    return ts[0] if len(ts) == 1 else torch.cat(ts, dim=0)
-
-
-def _params(linears: Linears, with_bias: bool) -> list[Optional[torch.Tensor]]:
-    mods = [linears] if isinstance(linears, nn.Module) else list(linears)
-    return [p for m in mods for p in (m.weight, m.bias if with_bias else None)]
-
-
-def grouped_linear(xs: torch.Tensor, counts: Sequence[int], linears: Sequence[Linears],
+def grouped_linear(xs: torch.Tensor, counts: Sequence[int], linears: Sequence[nn.Module],
                    activation: Optional[str] = None, with_bias: bool = True) -> torch.Tensor:
-    """Each group's rows through its own linear (+ activation). A group may be a tuple of
-    linears (fused into one matmul, see `_stack`). `with_bias=False` leaves the bias for later
-    (row-parallel layers add it after the cross-rank sum)."""
+    """Each group's rows through its own linear (+ activation). `with_bias=False` leaves the
+    bias for later (row-parallel layers add it after the cross-rank sum)."""
     keep = _nonempty(counts) or [0]
-    tie = zero_tie(p for i, g in enumerate(linears) if i not in keep for p in _params(g, with_bias))
-    weights = [_stack(linears[i], "weight") for i in keep]
-    biases = [_stack(linears[i], "bias") if with_bias else None for i in keep]
+    tie = zero_tie(p for i, m in enumerate(linears) if i not in keep
+                   for p in (m.weight, m.bias if with_bias else None))
+    weights = [linears[i].weight for i in keep]
+    biases = [linears[i].bias if with_bias else None for i in keep]
     biases[0] = _with_tie(biases[0], tie, weights[0].shape[0])
     return dispatch.grouped_linear(xs, [counts[i] for i in keep], weights, biases, activation)
 
@@ -128,3 +109,13 @@ def grouped_add_bias(xs: torch.Tensor, counts: Sequence[int], biases: Sequence[t
     if len(used) == 1:
         return xs + used[0]
     return dispatch.grouped_add_bias(xs, [counts[i] for i in keep], used)
+
+
+def row_parallel_out(xs: torch.Tensor, counts: Sequence[int], linears: Sequence[nn.Module],
+                     tp) -> torch.Tensor:
+    """The grouped row-parallel output projection (out_proj, fc2): partial products summed
+    across tensor-parallel ranks, then the bias. On one rank the bias rides in the matmul."""
+    if tp_size(tp) == 1:
+        return grouped_linear(xs, counts, linears)
+    partial = reduce_from_tp(grouped_linear(xs, counts, linears, with_bias=False), tp)
+    return grouped_add_bias(partial, counts, [m.bias for m in linears])

@@ -7,7 +7,6 @@ import torch
 
 from megatron_style.config import model_config
 from megatron_style.model import MaskedDataModel, MultiwayTransformer, pack_samples
-from megatron_style.model.block import MultiwayBlock
 from megatron_style.model.layout import TokenLayout, drop_path
 from megatron_style.model.summary import parameter_groups
 from megatron_style.model.synthetic import random_batch, random_sample
