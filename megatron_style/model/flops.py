@@ -130,8 +130,9 @@ def batch_flops(model: nn.Module, batch: PackedBatch, training: bool = True) -> 
     patches = int(batch.image_mask.shape[0]) * int(batch.image_mask.shape[1])
     lens = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
     sum_len2 = float(lens.double().pow(2).sum())
-    f = _forward_flops(c, tokens, patches, sum_len2, int(batch.text_targets.shape[0]),
-                       int(batch.image_targets.shape[0]))
+    # Target positions, not targets: a loader batch gets its visual targets on the device.
+    f = _forward_flops(c, tokens, patches, sum_len2, int(batch.text_target_pos.shape[0]),
+                       int(batch.image_target_pos.shape[0]))
     return 3.0 * f if training else f
 
 

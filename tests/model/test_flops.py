@@ -1,6 +1,8 @@
 """FLOPs from the built model: checked against the matmuls PyTorch actually runs
 (torch.utils.flop_counter), against the parameter counts, and across the per-sample and
 per-batch paths."""
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -84,6 +86,17 @@ def test_sample_flops_from_a_config_equals_from_the_model():
         assert sample_flops(cfg, kind, text_len=9) == sample_flops(model, kind, text_len=9)
     # a pair costs more than its image and its text apart (attention is quadratic)
     assert sample_flops(model, "pair", 9) > sample_flops(model, "image") + sample_flops(model, "text", 9)
+
+
+def test_a_batch_still_waiting_for_its_visual_targets_counts_the_same():
+    """The trainer may count the loader's CPU batch, whose visual targets are computed later
+    on the device: the masked positions are what counts."""
+    cfg = model_config("tiny")
+    model = build_on_meta(cfg)
+    batch = random_batch(cfg, images=2, texts=1, pairs=2, seed=4)
+    pending = dataclasses.replace(batch, image_targets=batch.image_targets[:0],
+                                  image_targets_pending=True)
+    assert batch_flops(model, pending) == batch_flops(model, batch)
 
 
 def test_constants_are_computed_once_and_wrappers_are_seen_through():
