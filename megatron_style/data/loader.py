@@ -179,9 +179,13 @@ class TrainLoader:
         W = self.plan.num_workers
         ds = _WorkerBatches(self.plan, self.processor, self.cfg.model, self.demo,
                             list(self._states), self._consumed % W)
+        # The DataLoader draws a base seed when its iterator starts; with its own generator it
+        # leaves the global RNG (drop path) alone, so a resumed run that starts its iterator at
+        # step N draws exactly what the uninterrupted run drew. (Our readers seed themselves.)
         dl = DataLoader(ds, batch_size=None, collate_fn=_as_is,
                         num_workers=self.cfg.data.num_workers,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(),
+                        generator=torch.Generator().manual_seed(self.cfg.data.seed))
         return self._consume(dl, self._generation)
 
     def _consume(self, dl: DataLoader, generation: int) -> Iterator[PackedBatch]:

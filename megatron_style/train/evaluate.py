@@ -104,8 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     def prepare(b: PackedBatch) -> PackedBatch:
         b = b.to(device)
         if b.image_targets_pending:
-            tok_in = b.tokenizer_images if b.tokenizer_images is not None else b.images
-            b = b.with_image_targets(visual(b.images, tok_in))
+            b = b.with_image_targets(visual(b.images, b.tokenizer_images))
         return b
 
     result = caption_gap(lambda b: model(b).stats, cfg, build_text_tokenizer(cfg), prepare,

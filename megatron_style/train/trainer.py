@@ -113,8 +113,7 @@ class Trainer:
         b = batch.to(self.device, non_blocking=True)
         if b.image_targets_pending:
             with torch.no_grad():
-                tok_in = b.tokenizer_images if b.tokenizer_images is not None else b.images
-                b = b.with_image_targets(self.visual_tokenizer(b.images, tok_in))
+                b = b.with_image_targets(self.visual_tokenizer(b.images, b.tokenizer_images))
         b.images = b.images.to(self.dtype)
         if b.image_targets.dtype.is_floating_point:
             b.image_targets = b.image_targets.to(self.dtype)
@@ -180,7 +179,7 @@ class Trainer:
                     finite = bool(torch.isfinite(loss.detach()).item())
                     step_loss += torch.tensor([loss.item() if finite else 0.0, 1.0, 0.0 if finite else 1.0],
                                               dtype=torch.float64)
-                    acc.add(out.stats, b, self._flops_fn)
+                    acc.add(out.stats, cpu_batch, self._flops_fn)  # host metadata: no GPU sync
                     self.engine.backward(loss)
                     if micro == gas - 1:
                         decision = self._agree(step_loss)
@@ -272,8 +271,9 @@ class Trainer:
         scalars["time/step_s"] = elapsed / max(1, steps)
         scalars["time/eta_s"] = scalars["time/step_s"] * (self.cfg.steps - self.step)
         if totals["flops"] > 0:
-            # Model FLOPs (6 x params used per token + attention); TP ranks share one replica.
-            tflops_per_device = totals["flops"] / elapsed / 1e12 / (self.world / self.dp_world) / self.dp_world
+            # Model FLOPs (6 x params used per token + attention). batch_flops counts this
+            # tensor rank's share, so the data-parallel sum covers one rank per replica.
+            tflops_per_device = totals["flops"] / elapsed / 1e12 / self.dp_world
             scalars["perf/tflops_per_device"] = tflops_per_device
             if peak:
                 scalars["perf/mfu"] = tflops_per_device / peak

@@ -1,12 +1,14 @@
 """Resume is exact: 6 steps straight equal 3 steps, stop, resume, 3 more (fp32, to 1e-6),
-which needs the weights, optimizer moments, schedule, RNG and data position all restored."""
+which needs the weights, optimizer moments, schedule, RNG and data position all restored. The
+demo data goes through the real loader with a worker process, so data order is included."""
 import pytest
 
 from tests.train.launch import TINY, explain, metrics, pretrain, run_dirs
 
 pytestmark = pytest.mark.multiproc
 
-COMMON = [*TINY, "steps=6", "parallel.zero_stage=1", "model.drop_path=0.1", "checkpoint.every_steps=100"]
+COMMON = [*TINY, "data.source=demo", "data.num_workers=1", "data.masking.image_min_block=2",
+          "steps=6", "parallel.zero_stage=1", "model.drop_path=0.1", "checkpoint.every_steps=100"]
 
 
 def test_six_straight_equals_three_plus_three(tmp_path):

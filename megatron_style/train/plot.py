@@ -1,0 +1,78 @@
+"""Training curves from a run's metrics.jsonl as one PNG: loss and masked-token accuracy per
+stream, learning rate, throughput. For a quick look without starting TensorBoard.
+
+    python -m megatron_style.train.plot runs/demo/tensorboard/metrics.jsonl --out demo.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+STREAMS = ("image", "text", "pair_image", "pair_text")
+
+
+def read_metrics(path: str) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    # A resumed run appends; keep the last value logged for each step.
+    by_step = {r["step"]: r for r in rows}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot(rows: list[dict], out: str, title: str = "") -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plotting needs matplotlib: pip install matplotlib") from None
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for s in STREAMS:
+        pts = [(r["step"], r[f"loss/{s}"]) for r in rows if f"loss/{s}" in r]
+        if pts:
+            axes[0].plot(*zip(*pts), label=s)
+        pts = [(r["step"], r[f"acc/{s}"]) for r in rows if f"acc/{s}" in r]
+        if pts:
+            axes[1].plot(*zip(*pts), label=s)
+    axes[0].set_title("masked-token loss")
+    axes[1].set_title("masked-token accuracy")
+    axes[2].plot(steps, [r.get("lr", float("nan")) for r in rows])
+    axes[2].set_title("learning rate")
+    axes[3].plot(steps, [r.get("throughput/samples_per_s", float("nan")) for r in rows])
+    axes[3].set_title("samples / s")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="beit3-plot", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("metrics", help="metrics.jsonl written by the trainer (in logging.dir)")
+    p.add_argument("--out", default="curves.png")
+    p.add_argument("--title", default="")
+    args = p.parse_args(argv)
+    rows = read_metrics(args.metrics)
+    if not rows:
+        print(f"error: {args.metrics} has no logged steps", file=sys.stderr)
+        return 2
+    print(f"wrote {plot(rows, args.out, args.title)} ({len(rows)} logged steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
