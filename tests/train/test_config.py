@@ -69,3 +69,11 @@ def test_deepspeed_file_is_merged_but_cannot_contradict_the_recipe():
     assert ds["train_micro_batch_size_per_gpu"] == 1
     with pytest.raises(ConfigError, match="train_batch_size"):
         load_config(None, ["parallel.deepspeed={train_batch_size: 64}"])
+
+
+def test_cli_rejects_missing_data_path_before_starting(tmp_path):
+    p = pretrain(["model.preset=tiny", "data.source=shards", "data.image.weight=0", "data.text.weight=0",
+                  f"data.pair.shards={tmp_path}/nothing/{{00000..00009}}.tar"])
+    assert p.returncode == 2, explain(p)
+    assert "ConfigError: data.pair.shards" in p.stderr
+    assert "rank(s)" not in p.stdout  # no process group, no engine was started
