@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 import triton
+import triton.language as tl  # noqa: F401  (the interpreter wants tl visible to jit functions)
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -74,3 +75,15 @@ def head_dim_chunks(d: int) -> tuple[int, int]:
     rest = d - d0
     d1 = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
     return d0, d1
+
+
+@triton.jit
+def pick3(e, p0, p1, p2):
+    """Among up to three per-expert pointers (or values), the one of expert e: lets one grouped
+    launch serve the vision, language and vision-language experts without a pointer table."""
+    p = p0
+    if e == 1:
+        p = p1
+    elif e == 2:
+        p = p2
+    return p

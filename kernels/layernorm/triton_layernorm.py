@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_support import device_problem, dtype_problem
+from kernels.triton_support import device_problem, dtype_problem, pick3
 
 MAX_GROUPS = 3
 MAX_DIM = 16384  # one row is one register tile; wider rows would spill
@@ -40,16 +40,6 @@ def _group_of_chunk(chunk, t1, t2, r1, r2, N, ROWS_PER_CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _pick3(e, p0, p1, p2):
-    p = p0
-    if e == 1:
-        p = p1
-    elif e == 2:
-        p = p2
-    return p
-
-
-@triton.jit
 def _ln_fwd(X, R, S, Y, W0, W1, W2, B0, B1, B2, MEAN, RSTD, N, D, t1, t2, r1, r2, eps,
             stride_x, stride_r, stride_s, stride_y,
             HAS_RES: tl.constexpr, ROWS_PER_CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -57,8 +47,8 @@ def _ln_fwd(X, R, S, Y, W0, W1, W2, B0, B1, B2, MEAN, RSTD, N, D, t1, t2, r1, r2
     e, start, end = _group_of_chunk(tl.program_id(0), t1, t2, r1, r2, N, ROWS_PER_CHUNK)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    w = tl.load(_pick3(e, W0, W1, W2) + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(_pick3(e, B0, B1, B2) + cols, mask=cmask, other=0.0).to(tl.float32)
+    w = tl.load(pick3(e, W0, W1, W2) + cols, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(pick3(e, B0, B1, B2) + cols, mask=cmask, other=0.0).to(tl.float32)
     for r0 in range(start, end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         rmask = rows < end
@@ -89,7 +79,7 @@ def _ln_bwd(S, DY, DS, DX, DR, W0, W1, W2, MEAN, RSTD, DW_PART, DB_PART, N, D, t
     e, start, end = _group_of_chunk(chunk, t1, t2, r1, r2, N, ROWS_PER_CHUNK)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    w = tl.load(_pick3(e, W0, W1, W2) + cols, mask=cmask, other=0.0).to(tl.float32)
+    w = tl.load(pick3(e, W0, W1, W2) + cols, mask=cmask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_D], tl.float32)
     db = tl.zeros([BLOCK_D], tl.float32)
     for r0 in range(start, end, BLOCK_R):

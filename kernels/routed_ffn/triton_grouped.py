@@ -24,20 +24,10 @@ import triton
 import triton.language as tl
 
 from kernels.layernorm import triton_layernorm
-from kernels.triton_support import configs, device_problem, dot_precision, dtype_problem
+from kernels.triton_support import configs, device_problem, dot_precision, dtype_problem, pick3
 
 MAX_GROUPS = 3
 ACTIVATIONS = (None, "gelu")
-
-
-@triton.jit
-def _pick3(e, p0, p1, p2):
-    p = p0
-    if e == 1:
-        p = p1
-    elif e == 2:
-        p = p2
-    return p
 
 
 @triton.jit
@@ -88,7 +78,7 @@ def _grouped_mm(A, B0, B1, B2, BIAS0, BIAS1, BIAS2, C, Z, c0, c1, c2, N_OUT, K,
     r = tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    B = _pick3(e, B0, B1, B2)
+    B = pick3(e, B0, B1, B2)
     # Rows past the group's end belong to the next group: reading them is harmless (their
     # results are not stored), so A's loads are masked only at the end of the tensor.
     a_ptrs = A + row0.to(tl.int64) * stride_am + (r[:, None] * stride_am + ks[None, :])
@@ -112,7 +102,7 @@ def _grouped_mm(A, B0, B1, B2, BIAS0, BIAS1, BIAS2, C, Z, c0, c1, c2, N_OUT, K,
         a_ptrs += BLOCK_K
         b_ptrs += b_step
     if HAS_BIAS:
-        bias = tl.load(_pick3(e, BIAS0, BIAS1, BIAS2) + cols, mask=cols < N_OUT, other=0.0)
+        bias = tl.load(pick3(e, BIAS0, BIAS1, BIAS2) + cols, mask=cols < N_OUT, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     base = row0.to(tl.int64) * stride_cm
     out = r[:, None] * stride_cm + cols[None, :]
@@ -162,12 +152,12 @@ def _grouped_wgrad(DZ, X, DW0, DW1, DW2, DB0, DB1, DB2, c0, c1, c2, N_OUT, K, st
                 db += tl.sum(dzT.to(tl.float32), 1)
         dz_ptrs += BLOCK_R * stride_dzm
         x_ptrs += BLOCK_R * stride_xm
-    DW = _pick3(e, DW0, DW1, DW2)
+    DW = pick3(e, DW0, DW1, DW2)
     tl.store(DW + os_[:, None] * K + ks[None, :], acc.to(DW.dtype.element_ty),
              mask=omask[:, None] & kmask[None, :])
     if HAS_BIAS:
         if tile_k == 0:
-            DB = _pick3(e, DB0, DB1, DB2)
+            DB = pick3(e, DB0, DB1, DB2)
             tl.store(DB + os_, db.to(DB.dtype.element_ty), mask=omask)
 
 

@@ -48,16 +48,8 @@ class _DeepSpeedMPU:
 
     Deliberately absent: `initialize_sequence_parallel` (its presence makes DeepSpeed treat
     the object as a sequence-parallel unit and ignore the data-parallel group) and the
-    sequence-parallel getters (DeepSpeed then falls back to the data-parallel group)."""
-
-    tensor_rank: int
-    tensor_size: int
-    tensor_group: Optional[dist.ProcessGroup]
-    tensor_ranks: tuple[int, ...]
-    data_rank: int
-    data_size: int
-    data_group: Optional[dist.ProcessGroup]
-    data_ranks: tuple[int, ...]
+    sequence-parallel getters (DeepSpeed then falls back to the data-parallel group).
+    The fields it reads (tensor_rank, tensor_group, data_size, ...) are ParallelState's."""
 
     # tensor (= model) parallel -------------------------------------------------------------
     def get_tensor_model_parallel_rank(self) -> int:
