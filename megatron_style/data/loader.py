@@ -16,6 +16,10 @@ they are right after that batch. The main process keeps, per worker, the state c
 last batch the trainer took, so prefetched batches never count. Torch hands out batches of an
 infinite IterableDataset round-robin from worker 0; on resume, physical worker p plays logical
 worker (p + consumed) mod W, so the next batch comes from the worker whose turn it was.
+
+On a resume with another number of data-parallel ranks or loader workers the exact position
+cannot be kept (readers own other shards); `load_resharded` takes every old rank's state and
+goes on from where they stood, as reshard.py explains.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from megatron_style.config import STREAMS, ConfigError, PretrainConfig
 from megatron_style.data.bad_data import BadDataCounter, sum_counts
 from megatron_style.data.errors import BadSample
 from megatron_style.data.raw import RawSample
+from megatron_style.data.reshard import LAYOUT_KEYS, data_differences, describe_base, reshard
 from megatron_style.data.shards import check_data_paths, shard_list_digest
 from megatron_style.data.streams import DemoStream, ShardStream, check_enough_shards
 from megatron_style.model.batch import PackedBatch, Sample, pack_samples
@@ -94,8 +99,9 @@ class BatchMaker:
     """One logical worker: readers for the active streams, the processor, packing."""
 
     def __init__(self, plan: LoaderPlan, worker: int, processor: Processor, model_cfg,
-                 demo: Optional[DemoGet], state: Optional[dict[str, Any]] = None) -> None:
-        st = state or {}
+                 demo: Optional[DemoGet], state: Optional[dict[str, Any]] = None,
+                 base: Optional[dict[str, Any]] = None) -> None:
+        st, base = state or {}, base or {}
         self.plan, self.worker, self.processor, self.model_cfg = plan, worker, processor, model_cfg
         self.batches = int(st.get("batches", 0))
         reader = plan.dp_rank * plan.num_workers + worker
@@ -110,10 +116,10 @@ class BatchMaker:
             if plan.source == "demo":
                 if demo is None:
                     raise ValueError("data.source demo needs the demo generator")
-                r = DemoStream(s, demo, reader, num_readers, plan.seed, s_state)
+                r = DemoStream(s, demo, reader, num_readers, plan.seed, s_state, base=base.get(s))
             else:
                 r = ShardStream(s, plan.urls[s], reader, num_readers, plan.seed, plan.window,
-                                plan.resampled, self.bad, s_state)
+                                plan.resampled, self.bad, s_state, base=base.get(s))
             self.readers[s] = r
             self._iters[s] = iter(r)
         self._good = {s: good_samples(s, it, processor, self.bad) for s, it in self._iters.items()}
@@ -139,10 +145,10 @@ class _WorkerBatches(IterableDataset):
     """What each DataLoader worker runs: (PackedBatch, its worker's state after it), forever."""
 
     def __init__(self, plan: LoaderPlan, processor: Processor, model_cfg, demo: Optional[DemoGet],
-                 states: list[Optional[dict]], offset: int) -> None:
+                 states: list[Optional[dict]], offset: int, base: dict[str, Any]) -> None:
         super().__init__()
         self.plan, self.processor, self.model_cfg, self.demo = plan, processor, model_cfg, demo
-        self.states, self.offset = states, offset
+        self.states, self.offset, self.base = states, offset, base
 
     def __iter__(self):
         info = get_worker_info()
@@ -150,7 +156,7 @@ class _WorkerBatches(IterableDataset):
         W = self.plan.num_workers
         worker = (physical + self.offset) % W
         maker = BatchMaker(self.plan, worker, self.processor, self.model_cfg, self.demo,
-                           self.states[worker])
+                           self.states[worker], self.base)
         while True:
             batch = maker.next_batch()
             yield batch, {"worker": worker, "state": maker.state_dict()}
@@ -169,6 +175,7 @@ class TrainLoader:
         self._states: list[Optional[dict]] = [None] * plan.num_workers
         self._consumed = 0
         self._generation = 0
+        self._base: dict[str, Any] = {}  # per stream, after a resharded resume (reshard.py)
 
     @property
     def samples_per_batch(self) -> int:
@@ -178,7 +185,7 @@ class TrainLoader:
         self._generation += 1
         W = self.plan.num_workers
         ds = _WorkerBatches(self.plan, self.processor, self.cfg.model, self.demo,
-                            list(self._states), self._consumed % W)
+                            list(self._states), self._consumed % W, self._base)
         # The DataLoader draws a base seed when its iterator starts; with its own generator it
         # leaves the global RNG (drop path) alone, so a resumed run that starts its iterator at
         # step N draws exactly what the uninterrupted run drew. (Our readers seed themselves.)
@@ -205,16 +212,15 @@ class TrainLoader:
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch the trainer took (plain ints, lists, dicts)."""
         return copy.deepcopy({"version": STATE_VERSION, "plan": self.plan.describe(),
-                              "consumed": self._consumed, "workers": self._states})
+                              "consumed": self._consumed, "workers": self._states,
+                              "base": self._base})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the saved position; call before iter(loader). Refuses a state saved
         with other settings (rank, world, workers, shards, batch split, seed), naming them."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"not a loader state of version {STATE_VERSION}: "
-                             f"{str(state)[:80]!r}")
+        _check_version(state)
         mine, saved = self.plan.describe(), state["plan"]
-        diff = [k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)]
+        diff = data_differences(mine, saved)
         if diff:
             what = "; ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff)
             raise ValueError(f"the data loader state was saved with other settings ({what}); "
@@ -222,11 +228,33 @@ class TrainLoader:
                              "settings, data-parallel size and data.num_workers")
         self._states = list(state["workers"])
         self._consumed = int(state["consumed"])
+        self._base = copy.deepcopy(state.get("base", {}))
+
+    def layout_changed(self, state: dict[str, Any]) -> bool:
+        """Whether `state` (this rank's, saved with the same data settings) was written with
+        another number of ranks or loader workers: then resume with `load_resharded`."""
+        _check_version(state)
+        mine, saved = self.plan.describe(), state["plan"]
+        return (not data_differences(mine, saved, ignore=LAYOUT_KEYS)
+                and bool(data_differences(mine, saved)))
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> str:
+        """Go on from where all the old ranks' loaders (`states`, one per old rank) stood, on
+        this rank's new layout; call before iter(loader). Returns a line for the log."""
+        for s in states:
+            _check_version(s)
+        self.load_state_dict(reshard(states, self.plan))
+        return describe_base(self._base, self.plan.urls)
 
     def bad_sample_counts(self) -> dict[str, int]:
         """Skipped samples per reason on this rank, cumulative over the run (resumes included),
         up to the last batch taken."""
         return sum_counts([s["bad"] for s in self._states if s])
+
+
+def _check_version(state: Any) -> None:
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise ValueError(f"not a loader state of version {STATE_VERSION}: {str(state)[:80]!r}")
 
 
 def build_train_loader(cfg: PretrainConfig, dp_rank: int, dp_world: int, processor: Processor,

@@ -20,6 +20,9 @@ of (seed, stream, reader, counter), so a reader's position is a handful of integ
     resumed reader re-reads one window instead of needing the buffer's contents.
   - demo: the r-th, (r+R)-th, ... sample of the index-based demo generator; the state is a count.
 
+After a resume on another number of readers every reader also gets the stream's *base*, shared
+by all readers (reshard.py): where the old readers stood, so that the new ones go on from there.
+
 A resume costs re-reading (not decoding) the saved window's shard up to the window start, and
 the window itself. Epochs are per reader: one whose shards hold fewer samples starts its next
 epoch sooner, as the training loader never waits for the others.
@@ -43,6 +46,12 @@ Item = tuple[Union[RawSample, BadSample], list[int]]
 _EPOCH_ORDER, _RESAMPLE, _WINDOW_ORDER, _SAMPLE = range(4)
 
 
+def _key(seed: int, stream: str, what: int, gen: int, *rest: int) -> list[int]:
+    """A random key; the resharding generation enters it only once there is one, so that runs
+    that were never resharded keep the keys (and the data order) they always had."""
+    return [seed, stream_id(stream), what, *([gen] if gen else []), *rest]
+
+
 def stream_id(name: str) -> int:
     return STREAMS.index(name)
 
@@ -61,7 +70,8 @@ class ShardStream:
 
     def __init__(self, name: str, urls: list[str], reader: int, num_readers: int, seed: int,
                  window: int, resampled: bool, bad: BadDataCounter,
-                 state: Optional[dict[str, Any]] = None, epochs: Optional[int] = None) -> None:
+                 state: Optional[dict[str, Any]] = None, epochs: Optional[int] = None,
+                 base: Optional[dict[str, Any]] = None) -> None:
         self.name, self.urls, self.reader, self.num_readers = name, list(urls), reader, num_readers
         self.seed, self.window, self.resampled, self.bad = seed, max(1, window), resampled, bad
         self.epochs = epochs  # None: forever; tests and evaluation read a fixed number
@@ -70,6 +80,13 @@ class ShardStream:
         check_enough_shards(name, len(self.urls), num_readers, resampled)
         # Epoch mode: reader r owns positions r, r+R, ... of each epoch's shard permutation.
         self.per_epoch = len(range(reader, len(self.urls), num_readers))
+        # After resharding (reshard.py): first positions r, r+R, ... of `rest`, the shards of
+        # epoch `epoch0` the old readers had not opened, then whole epochs from epoch0 + 1 on.
+        b = base or {}
+        self.gen = int(b.get("gen", 0))
+        self.epoch0 = int(b.get("epoch0", 0))
+        self.rest: Optional[list[int]] = b.get("rest")
+        self.n_rest = 0 if self.rest is None else len(range(reader, len(self.rest), num_readers))
         st = state or {}
         self.window_index = int(st.get("window", 0))
         self.start = (int(st.get("shard", 0)), int(st.get("in_shard", 0)))  # window start
@@ -97,16 +114,51 @@ class ShardStream:
 
     def shard_url(self, i: int) -> str:
         """This reader's i-th shard."""
-        n = len(self.urls)
+        return self.urls[self.url_index(i)]
+
+    def url_index(self, i: int) -> int:
+        """Where this reader's i-th shard is in the shard list."""
         if self.resampled:
-            rng = np.random.default_rng([self.seed, stream_id(self.name), _RESAMPLE, self.reader, i])
-            return self.urls[int(rng.integers(n))]
-        epoch, j = divmod(i, self.per_epoch)
+            key = _key(self.seed, self.name, _RESAMPLE, self.gen, self.reader, i)
+            return int(np.random.default_rng(key).integers(len(self.urls)))
+        if self.rest is not None and i < self.n_rest:
+            return self.rest[self.reader + i * self.num_readers]
+        epoch = self.epoch_of(i)
+        j = i - self.epoch_start(epoch)
+        return self.epoch_order(epoch)[self.reader + j * self.num_readers]
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The shard list's order in `epoch` (the same on every reader); after resharding,
+        epoch0 holds only the shards in `rest`."""
+        if self.rest is not None and epoch == self.epoch0:
+            return list(self.rest)
         rng = np.random.default_rng([self.seed, stream_id(self.name), _EPOCH_ORDER, epoch])
-        return self.urls[int(rng.permutation(n)[self.reader + j * self.num_readers])]
+        return [int(u) for u in rng.permutation(len(self.urls))]
+
+    def epoch_start(self, epoch: int) -> int:
+        """The number of this reader's first shard of `epoch` (epoch mode)."""
+        if self.rest is None:
+            return epoch * self.per_epoch
+        if epoch <= self.epoch0:
+            return 0
+        return self.n_rest + (epoch - self.epoch0 - 1) * self.per_epoch
 
     def epoch_of(self, i: int) -> int:
-        return 0 if self.resampled else i // self.per_epoch
+        if self.resampled:
+            return 0
+        if self.rest is None:
+            return i // self.per_epoch
+        if i < self.n_rest:
+            return self.epoch0
+        return self.epoch0 + 1 + (i - self.n_rest) // self.per_epoch
+
+    def opened(self) -> int:
+        """How many of this reader's shards it has read from (the rest of one it has open
+        counts as read): everything a resharded resume must not give out again."""
+        shard, in_shard = self.start
+        n = shard + 1 if (in_shard or self.taken) else shard
+        fetched_shard, fetches = self.fetched
+        return max(n, fetched_shard + 1) if fetches else n
 
     # -- reading -------------------------------------------------------------------------
     def _read_window(self) -> list[dict]:
@@ -149,12 +201,13 @@ class ShardStream:
                 self.start, self._after = self._after, None  # an epoch with nothing readable
                 continue
             self._window_len = len(window)
-            rng = np.random.default_rng([self.seed, stream_id(self.name), _WINDOW_ORDER,
-                                         self.reader, self.window_index])
+            rng = np.random.default_rng(_key(self.seed, self.name, _WINDOW_ORDER, self.gen,
+                                             self.reader, self.window_index))
             order = rng.permutation(len(window)) if self.window > 1 else np.arange(len(window))
             for j in range(self.taken, len(window)):
                 self.taken = j + 1
-                key = [self.seed, stream_id(self.name), _SAMPLE, self.reader, self.window_index, j]
+                key = _key(self.seed, self.name, _SAMPLE, self.gen, self.reader,
+                           self.window_index, j)
                 try:
                     yield to_raw(self.name, window[int(order[j])]), key
                 except BadSample as e:
@@ -205,12 +258,16 @@ class _Cursor:
 
 
 class DemoStream:
-    """One reader's samples of one stream from the index-based demo generator."""
+    """One reader's samples of one stream from the index-based demo generator: indices
+    start + r, start + r + R, ... (start is 0 unless resharded)."""
 
     def __init__(self, name: str, get: Callable[[str, int], RawSample], reader: int,
-                 num_readers: int, seed: int, state: Optional[dict[str, Any]] = None) -> None:
+                 num_readers: int, seed: int, state: Optional[dict[str, Any]] = None,
+                 base: Optional[dict[str, Any]] = None) -> None:
         self.name, self.get, self.reader, self.num_readers, self.seed = name, get, reader, num_readers, seed
         self.count = int((state or {}).get("count", 0))
+        self.gen = int((base or {}).get("gen", 0))
+        self.first = int((base or {}).get("start", 0)) + reader
 
     def state_dict(self) -> dict[str, int]:
         return {"count": self.count}
@@ -219,8 +276,8 @@ class DemoStream:
         while True:
             n = self.count
             self.count += 1
-            key = [self.seed, stream_id(self.name), _SAMPLE, self.reader, n]
+            key = _key(self.seed, self.name, _SAMPLE, self.gen, self.reader, n)
             try:
-                yield self.get(self.name, self.reader + n * self.num_readers), key
+                yield self.get(self.name, self.first + n * self.num_readers), key
             except BadSample as e:
                 yield e, key

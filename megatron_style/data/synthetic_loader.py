@@ -40,5 +40,13 @@ class SyntheticLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next_index = int(state["next_index"])
 
+    def layout_changed(self, state: dict[str, Any]) -> bool:
+        return False  # batches depend on (seed, rank, index) only
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> str:
+        """On another number of ranks: go on after the furthest old rank's batch index."""
+        self.next_index = max(int(s["next_index"]) for s in states)
+        return f"synthetic batch {self.next_index}"
+
     def bad_sample_counts(self) -> dict[str, int]:
         return {}

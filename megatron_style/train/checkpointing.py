@@ -114,6 +114,14 @@ def saved_world_size(load_dir: str, tag: str) -> int:
     return sum(1 for n in os.listdir(path) if n.startswith("rank_state_"))
 
 
+def load_loader_states(load_dir: str, tag: str) -> list[dict[str, Any]]:
+    """Every saving rank's data-loader state (to carry the data position over to another
+    number of ranks); reads the small per-rank files, not the model."""
+    path = os.path.join(load_dir, tag)
+    n = saved_world_size(load_dir, tag)
+    return [torch.load(_rank_file(path, r), weights_only=False)["loader"] for r in range(n)]
+
+
 def load(engine, load_dir: str, tag: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
     """Collective. Restores model and optimizer; returns (shared client state, this rank's
     state or None when the checkpoint was written by a different number of ranks)."""

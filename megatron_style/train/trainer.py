@@ -128,13 +128,14 @@ class Trainer:
         client, rank_state = checkpointing.load(self.engine, load_dir, tag)
         self.step = int(client["step"])
         self.guard.load_state_dict(client["guard"])
-        if rank_state is not None:
+        if rank_state is not None and not self.loader.layout_changed(rank_state["loader"]):
             self.loader.load_state_dict(rank_state["loader"])
         else:
-            self._log(f"checkpoint {tag} was written by a different number of ranks: the data "
-                      "position is re-derived from the step count")
-            if hasattr(self.loader, "reshard_state"):
-                self.loader.load_state_dict(self.loader.reshard_state(load_dir, tag, self.step))
+            # Another number of ranks or loader workers: the readers own other shards now, so
+            # continue from where all the old ranks' readers stood (data/reshard.py).
+            where = self.loader.load_resharded(checkpointing.load_loader_states(load_dir, tag))
+            self._log(f"checkpoint {tag} was written with another data layout (ranks or "
+                      f"data.num_workers): the data position is carried over: {where}")
         return os.path.join(load_dir, tag)
 
     def save(self) -> str:
