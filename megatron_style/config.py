@@ -392,10 +392,21 @@ class LoggingConfig:
     progress: Literal["auto", "bar", "lines"] = "auto"
     # Dense bf16/fp16 peak of one device in TFLOP/s for MFU; 0 = look the device up.
     peak_tflops: float = 0.0
+    # torch.profiler trace of steps profile_at_step .. + profile_steps - 1 on profile_ranks,
+    # into <dir>/profile (train/profiling.py); 0 = off.
+    profile_at_step: int = 0
+    profile_steps: int = 3
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
 
     def validate(self, key: str = "logging") -> None:
         _check(self.every_steps >= 1, f"{key}.every_steps", f"must be >= 1, got {self.every_steps}")
         _check(self.peak_tflops >= 0, f"{key}.peak_tflops", f"must be >= 0, got {self.peak_tflops}")
+        _check(self.profile_at_step >= 0, f"{key}.profile_at_step",
+               f"must be >= 0 (0 = no profile), got {self.profile_at_step}")
+        _check(self.profile_steps >= 1, f"{key}.profile_steps",
+               f"must be >= 1, got {self.profile_steps}")
+        _check(all(r >= 0 for r in self.profile_ranks), f"{key}.profile_ranks",
+               f"must be global ranks (>= 0), got {self.profile_ranks}")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from megatron_style.train import checkpointing
 from megatron_style.train.engine import base_optimizer, build_engine, set_learning_rate
 from megatron_style.train.guards import LossGuard, TooManyNonFinite
 from megatron_style.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
+from megatron_style.train.profiling import StepProfiler
 from megatron_style.train.schedule import learning_rate
 
 from megatron_style.train.exit_codes import NONFINITE as EXIT_NONFINITE
@@ -163,17 +164,24 @@ class Trainer:
         peak = device_peak_tflops(self.device, cfg.logging.peak_tflops)
         gas = cfg.parallel.grad_accum
         last = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.steps
+        lg = cfg.logging
+        prof = StepProfiler(lg.profile_at_step, lg.profile_steps, lg.profile_ranks, lg.dir,
+                            self.rank, self.device, self.step + 1,
+                            self._log if self.rank == 0 else print)
         try:
             while self.step < last:
+                prof.step_begins(self.step + 1)
                 lr = learning_rate(self.step, cfg.steps, cfg.optim)
                 set_learning_rate(base_optimizer(self.optimizer), lr)
                 sources: list[str] = []
                 step_loss = torch.zeros(3, dtype=torch.float64)  # loss sum, micro count, bad
                 for micro in range(gas):
-                    cpu_batch = next(it)
-                    sources.extend(cpu_batch.sources)
-                    b = self.prepare(cpu_batch)
-                    out = self.engine(b)
+                    with prof.range("data"):
+                        cpu_batch = next(it)
+                        sources.extend(cpu_batch.sources)
+                        b = self.prepare(cpu_batch)
+                    with prof.range("forward"):
+                        out = self.engine(b)
                     loss = out.loss
                     if self.step + 1 in inject:
                         loss = loss * float("nan")
@@ -181,13 +189,16 @@ class Trainer:
                     step_loss += torch.tensor([loss.item() if finite else 0.0, 1.0, 0.0 if finite else 1.0],
                                               dtype=torch.float64)
                     acc.add(out.stats, cpu_batch, self._flops_fn)  # host metadata: no GPU sync
-                    self.engine.backward(loss)
+                    with prof.range("backward"):
+                        self.engine.backward(loss)
                     if micro == gas - 1:
                         decision = self._agree(step_loss)
                         if decision["bad"]:
                             base_optimizer(self.optimizer).skip_next = True
-                    self.engine.step()
+                    with prof.range("optimizer"):
+                        self.engine.step()
                 self.step += 1
+                prof.step_done(self.step)
                 steps_since += 1
                 if steps_since == 1 and not hasattr(self, "_first_step_reported"):
                     self._first_step_reported = True
@@ -222,6 +233,7 @@ class Trainer:
             self._log(f"saved the last good state to {path}")
             exit_code = EXIT_NONFINITE
         finally:
+            prof.close()
             self.metrics.close()
         return exit_code
 
