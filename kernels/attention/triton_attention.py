@@ -44,6 +44,26 @@ TAIL = 16  # rows / keys handled by the small tile; tl.dot needs every dimension
 # ---- shared loads -----------------------------------------------------------------------------
 
 @triton.jit
+def _program_sample(CU):
+    """The sample (grid axis 1) and head (axis 2) of this program: its first token in the packed
+    stream, its length and the head index (int64: token x stride can pass 2^31)."""
+    seq = tl.program_id(1)
+    start = tl.load(CU + seq).to(tl.int64)
+    L = (tl.load(CU + seq + 1) - start).to(tl.int32)
+    return start, L, tl.program_id(2).to(tl.int64)
+
+
+@triton.jit
+def _backward_inputs(Q, K, V, DO, LSE, DELTA, start, head, T, stride_qt, stride_kt, stride_vt,
+                     stride_dt, HEAD_DIM: tl.constexpr):
+    """Where one sample's head starts in q, k, v, dO, and in the row statistics."""
+    col = head * HEAD_DIM
+    return (Q + start * stride_qt + col, K + start * stride_kt + col,
+            V + start * stride_vt + col, DO + start * stride_dt + col,
+            LSE + head * T + start, DELTA + head * T + start)
+
+
+@triton.jit
 def _load_rows(base, stride_t, offs_t, tmask, col0, COLS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """[len(offs_t), COLS] tile: tokens offs_t, head-dim columns col0 .. col0+COLS."""
     d = col0 + tl.arange(0, COLS)
@@ -146,12 +166,8 @@ def _attn_fwd(Q, K, V, O, LSE, CU, scale_log2, T,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid: (query blocks of the longest sample, samples, heads). Query blocks come first so
     # that neighbouring programs share the same K / V in L2.
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2).to(tl.int64)
-    start = tl.load(CU + seq).to(tl.int64)
-    L = (tl.load(CU + seq + 1) - start).to(tl.int32)
-    m0 = pid_m * BLOCK_M
+    start, L, head = _program_sample(CU)
+    m0 = tl.program_id(0) * BLOCK_M
     if m0 < L:
         Qb = Q + start * stride_qt + head * HEAD_DIM
         Kb = K + start * stride_kt + head * HEAD_DIM
@@ -265,21 +281,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU, scale_log2, scale, T,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid: (key blocks of the longest sample, samples, heads); each program owns BLOCK_N keys
     # (or a TAIL_N tile for the last few) and sweeps every query of its sample.
-    pid_n = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2).to(tl.int64)
-    start = tl.load(CU + seq).to(tl.int64)
-    L = (tl.load(CU + seq + 1) - start).to(tl.int32)
-    n0 = pid_n * BLOCK_N
+    start, L, head = _program_sample(CU)
+    n0 = tl.program_id(0) * BLOCK_N
     if n0 < L:
-        Qb = Q + start * stride_qt + head * HEAD_DIM
-        Kb = K + start * stride_kt + head * HEAD_DIM
-        Vb = V + start * stride_vt + head * HEAD_DIM
-        DOb = DO + start * stride_dt + head * HEAD_DIM
+        Qb, Kb, Vb, DOb, LSEb, DELTAb = _backward_inputs(
+            Q, K, V, DO, LSE, DELTA, start, head, T, stride_qt, stride_kt, stride_vt, stride_dt,
+            HEAD_DIM)
         DKb = DK + start * stride_dkt + head * HEAD_DIM
         DVb = DV + start * stride_dvt + head * HEAD_DIM
-        LSEb = LSE + head * T + start
-        DELTAb = DELTA + head * T + start
         if L - n0 > TAIL_N:
             _dkdv_tile(Qb, Kb, Vb, DOb, DKb, DVb, LSEb, DELTAb, stride_qt, stride_kt, stride_vt,
                        stride_dt, stride_dkt, stride_dvt, n0, L, scale_log2, scale,
@@ -365,20 +374,13 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU, scale_log2, scale, T,
                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                  HAS_D1: tl.constexpr, TAIL_N: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2).to(tl.int64)
-    start = tl.load(CU + seq).to(tl.int64)
-    L = (tl.load(CU + seq + 1) - start).to(tl.int32)
-    m0 = pid_m * BLOCK_M
+    start, L, head = _program_sample(CU)
+    m0 = tl.program_id(0) * BLOCK_M
     if m0 < L:
-        Qb = Q + start * stride_qt + head * HEAD_DIM
-        Kb = K + start * stride_kt + head * HEAD_DIM
-        Vb = V + start * stride_vt + head * HEAD_DIM
-        DOb = DO + start * stride_dt + head * HEAD_DIM
+        Qb, Kb, Vb, DOb, LSEb, DELTAb = _backward_inputs(
+            Q, K, V, DO, LSE, DELTA, start, head, T, stride_qt, stride_kt, stride_vt, stride_dt,
+            HEAD_DIM)
         DQb = DQ + start * stride_dqt + head * HEAD_DIM
-        LSEb = LSE + head * T + start
-        DELTAb = DELTA + head * T + start
         if L - m0 > TAIL_N:
             _dq_tile(Qb, Kb, Vb, DOb, DQb, LSEb, DELTAb, stride_qt, stride_kt, stride_vt, stride_dt,
                      stride_dqt, m0, L, scale_log2, scale, BLOCK_M, BLOCK_N, TAIL_N,
