@@ -378,6 +378,9 @@ class CheckpointConfig:
     resume: str = "auto"
     # Initialise the model (not the optimizer) from a released BEiT-3 file or our export.
     init_from: str = ""
+    # false: write no checkpoint at all (measurement runs: the giant's is 31 GB); resuming
+    # from one still works.
+    save: bool = True
 
     def validate(self, key: str = "checkpoint") -> None:
         _check(self.every_steps >= 1, f"{key}.every_steps", f"must be >= 1, got {self.every_steps}")

@@ -122,8 +122,7 @@ def check_data_paths(cfg: PretrainConfig) -> dict[str, list[str]]:
         raise ConfigError(f"data.tokenizer.text_model: {tok.text_model!r} does not exist; give "
                           "a SentencePiece .model file, or leave it empty to train one on the "
                           "demo corpus")
-    if tok.visual == "vqkd" and tok.visual_model and not os.path.isfile(
-            os.path.expanduser(tok.visual_model)):
+    if tok.visual_model and not os.path.isfile(os.path.expanduser(tok.visual_model)):
         raise ConfigError(f"data.tokenizer.visual_model: {tok.visual_model!r} does not exist; "
-                          "give the path of a VQ-KD checkpoint file")
+                          f"give the path of the {tok.visual} tokenizer's file")
     return found

@@ -40,16 +40,10 @@ def check_paths(cfg: PretrainConfig) -> None:
     """Files the run needs must exist before we start processes that would wait on them."""
     if cfg.checkpoint.init_from and not os.path.exists(cfg.checkpoint.init_from):
         raise ConfigError(f"checkpoint.init_from: {cfg.checkpoint.init_from!r} does not exist")
-    tok = cfg.data.tokenizer
-    if tok.text_model and not os.path.isfile(os.path.expanduser(tok.text_model)):
-        raise ConfigError(f"data.tokenizer.text_model: {tok.text_model!r} does not exist")
-    if tok.visual_model and not os.path.isfile(os.path.expanduser(tok.visual_model)):
-        raise ConfigError(f"data.tokenizer.visual_model: {tok.visual_model!r} does not exist")
-    if tok.visual == "vqkd" and not tok.visual_model:
-        raise ConfigError("data.tokenizer.visual_model: the vqkd tokenizer needs its checkpoint file")
-    if cfg.data.source == "shards":
-        from megatron_style.data.loader import check_data_paths
-        check_data_paths(cfg)
+    if cfg.data.source == "synthetic":
+        return  # random token ids and targets: no data and no tokenizer files are read
+    from megatron_style.data.loader import check_data_paths
+    check_data_paths(cfg)  # shards and tokenizer files
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -76,8 +76,9 @@ class StepProfiler:
             torch.cuda.memory._dump_snapshot(
                 os.path.join(self.out_dir, f"rank{self.rank}_memory_snapshot.pickle"))
             torch.cuda.memory._record_memory_history(enabled=None)
-        self.log(f"profile of steps {self.warmup_step + 1}-{self.last_step} (rank {self.rank}) "
-                 f"written to {self.out_dir}")
+        first, last = self.warmup_step + 1, self.last_step
+        steps = f"step {first}" if first == last else f"steps {first}-{last}"
+        self.log(f"profile of {steps} (rank {self.rank}) written to {self.out_dir}")
 
     def close(self) -> None:
         """Stop the profiler (a run that ends inside the window still writes what it traced)."""

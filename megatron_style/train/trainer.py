@@ -140,6 +140,9 @@ class Trainer:
         return os.path.join(load_dir, tag)
 
     def save(self) -> str:
+        """Write a checkpoint; returns its path, or a phrase saying none was written."""
+        if not self.cfg.checkpoint.save:
+            return "none (checkpoint.save is false)"
         client = {"step": self.step, "guard": self.guard.state_dict(),
                   "config": dump_yaml(self.cfg), "world_size": self.world}
         tag = checkpointing.save(self.engine, self.cfg.checkpoint.dir, self.step, client,
@@ -217,7 +220,7 @@ class Trainer:
                 self.metrics.advance()
                 if decision["preempt"]:
                     path = self.save()
-                    self._log(f"preemption signal: saved {path} at step {self.step}; exiting "
+                    self._log(f"preemption signal: checkpoint {path} at step {self.step}; exiting "
                               f"with status {EXIT_PREEMPTED} (resume by running the same command)")
                     exit_code = EXIT_PREEMPTED
                     break
@@ -230,7 +233,7 @@ class Trainer:
         except TooManyNonFinite as e:
             self._log(f"ERROR: {e}")
             path = self.save()
-            self._log(f"saved the last good state to {path}")
+            self._log(f"the last good state: checkpoint {path}")
             exit_code = EXIT_NONFINITE
         finally:
             prof.close()

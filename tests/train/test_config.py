@@ -77,3 +77,14 @@ def test_cli_rejects_missing_data_path_before_starting(tmp_path):
     assert p.returncode == 2, explain(p)
     assert "ConfigError: data.pair.shards" in p.stderr
     assert "rank(s)" not in p.stdout  # no process group, no engine was started
+
+
+def test_synthetic_source_needs_no_data_or_tokenizer_files():
+    """The documented giant measurement (giant.yaml + data.source=synthetic) must start on a
+    machine without the recipe's data and tokenizer files; with real data they are checked."""
+    from megatron_style.train.pretrain import check_paths
+    check_paths(load_config("configs/pretrain/giant.yaml", ["data.source=synthetic"]))
+    with pytest.raises(ConfigError, match="data.image.shards"):
+        check_paths(load_config("configs/pretrain/giant.yaml"))
+    with pytest.raises(ConfigError, match="data.tokenizer.text_model: '/models/beit3.spm' does not exist"):
+        check_paths(load_config("configs/pretrain/demo.yaml", ["data.tokenizer.text_model=/models/beit3.spm"]))

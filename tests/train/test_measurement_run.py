@@ -1,5 +1,6 @@
-"""`logging.profile_at_step`: a torch.profiler trace of exactly the steps asked for, with the
-trainer's named ranges in it, and the top-operators table; bad settings name the key."""
+"""A measurement run: `logging.profile_at_step` writes a torch.profiler trace of exactly the
+steps asked for, with the trainer's named ranges in it, and the top-operators table;
+`checkpoint.save=false` writes no checkpoint. Bad profile settings name the key."""
 import glob
 import json
 
@@ -9,10 +10,14 @@ from megatron_style.config import ConfigError, load_config
 from tests.train.launch import TINY, explain, pretrain, run_dirs
 
 
-def test_trace_of_the_asked_steps(tmp_path):
+def test_trace_of_the_asked_steps_and_no_checkpoint(tmp_path):
     p = pretrain([*TINY, *run_dirs(tmp_path), "steps=6", "parallel.grad_accum=2",
-                  "logging.profile_at_step=3", "logging.profile_steps=2"])
+                  "logging.profile_at_step=3", "logging.profile_steps=2", "checkpoint.save=false",
+                  "checkpoint.every_steps=2"])
     assert p.returncode == 0, explain(p)
+    assert "finished 6 of 6 steps; checkpoint none (checkpoint.save is false)" in p.stdout
+    ckpt = tmp_path / "run" / "ckpt"
+    assert not ckpt.exists() or not any(ckpt.iterdir())
     assert "profile of steps 3-4 (rank 0)" in p.stdout, explain(p)
     traces = glob.glob(str(tmp_path / "run" / "tb" / "profile" / "rank0.*.pt.trace.json"))
     assert len(traces) == 1
