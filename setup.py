@@ -38,6 +38,7 @@ setup(
             "beit3-pretrain=megatron_style.train.pretrain:main",
             "beit3-evaluate=megatron_style.train.evaluate:main",
             "beit3-plot=megatron_style.train.plot:main",
+            "beit3-run-summary=megatron_style.train.run_summary:main",
             "beit3-export=megatron_style.train.export:main",
             "beit3-summary=megatron_style.model.summary:main",
             "beit3-make-shards=megatron_style.data.make_shards:main",
