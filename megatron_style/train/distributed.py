@@ -69,7 +69,34 @@ def init_distributed(env: DistEnv) -> torch.device:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                auto_mpi_discovery=False)
+    release_cpu_comm_buffer()
     return device
+
+
+SHM_DIR = "/dev/shm"
+
+
+def release_cpu_comm_buffer() -> None:
+    """Collective. Remove the name of this rank's DeepSpeed CPU all-reduce buffer.
+
+    On CPU, DeepSpeed's shared-memory comm op gives every rank a 66 MB POSIX shared-memory
+    buffer named after the user, master address and port and the rank, and never unlinks it:
+    each CPU run would leave 66 MB per rank in /dev/shm, for good, until a machine that runs
+    many (a CI machine, a laptop running the tests) has no memory left. DeepSpeed's start-up
+    returns only after a rank has mapped every peer's buffer, so once all ranks are past a
+    barrier the names can go: the mappings stay valid, and the memory is freed when the last
+    process using it exits, even if it crashes."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        pass  # on GPU, or a DeepSpeed without the CPU comm op: nothing was created
 
 
 def _free_port() -> int:
