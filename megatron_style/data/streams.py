@@ -87,6 +87,7 @@ class ShardStream:
         self.epoch0 = int(b.get("epoch0", 0))
         self.rest: Optional[list[int]] = b.get("rest")
         self.n_rest = 0 if self.rest is None else len(range(reader, len(self.rest), num_readers))
+        self._order: Optional[tuple[int, list[int]]] = None  # (epoch, its shard order)
         st = state or {}
         self.window_index = int(st.get("window", 0))
         self.start = (int(st.get("shard", 0)), int(st.get("in_shard", 0)))  # window start
@@ -132,8 +133,12 @@ class ShardStream:
         epoch0 holds only the shards in `rest`."""
         if self.rest is not None and epoch == self.epoch0:
             return list(self.rest)
-        rng = np.random.default_rng([self.seed, stream_id(self.name), _EPOCH_ORDER, epoch])
-        return [int(u) for u in rng.permutation(len(self.urls))]
+        # Every shard of an epoch asks for the same order: draw it once per epoch, not per
+        # shard (resharding asks for every shard an old reader opened).
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng([self.seed, stream_id(self.name), _EPOCH_ORDER, epoch])
+            self._order = (epoch, rng.permutation(len(self.urls)).tolist())
+        return self._order[1]
 
     def epoch_start(self, epoch: int) -> int:
         """The number of this reader's first shard of `epoch` (epoch mode)."""

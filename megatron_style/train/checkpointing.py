@@ -115,11 +115,18 @@ def saved_world_size(load_dir: str, tag: str) -> int:
 
 
 def load_loader_states(load_dir: str, tag: str) -> list[dict[str, Any]]:
-    """Every saving rank's data-loader state (to carry the data position over to another
-    number of ranks); reads the small per-rank files, not the model."""
-    path = os.path.join(load_dir, tag)
-    n = saved_world_size(load_dir, tag)
-    return [torch.load(_rank_file(path, r), weights_only=False)["loader"] for r in range(n)]
+    """Collective. Every saving rank's data-loader state (to carry the data position over to
+    another number of ranks). Rank 0 reads the small per-rank files and sends them to the
+    others, so a shared file system sees N reads rather than N x N."""
+    states: list[Any] = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        path = os.path.join(load_dir, tag)
+        n = saved_world_size(load_dir, tag)
+        states = [[torch.load(_rank_file(path, r), weights_only=False)["loader"]
+                   for r in range(n)]]
+    if dist.is_initialized():
+        dist.broadcast_object_list(states, src=0)
+    return states[0]
 
 
 def load(engine, load_dir: str, tag: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
