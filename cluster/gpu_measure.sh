@@ -37,8 +37,8 @@ fi
 if [ "$stage" = giant ] || [ "$stage" = all ]; then
   for kernels in triton reference; do
     args=(--config configs/pretrain/giant.yaml data.source=synthetic steps=30 logging.every_steps=5
-          logging.progress=lines checkpoint.save=false model.kernels=$kernels
-          checkpoint.dir=/tmp/giant_ckpt_$kernels logging.dir="$out/giant_$kernels")
+          logging.progress=lines checkpoint.save=false "model.kernels=$kernels"
+          "checkpoint.dir=/tmp/giant_ckpt_$kernels" logging.dir="$out/giant_$kernels")
     # the kernels-on run also writes a profile of steps 26-27 (trace, top ops, memory snapshot)
     [ "$kernels" = triton ] && args+=(logging.profile_at_step=26 logging.profile_steps=2)
     timeout 280 python3 -m megatron_style.train.pretrain "${args[@]}" 2>&1 | tee "$out/giant_$kernels.log" || status=1

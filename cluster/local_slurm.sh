@@ -148,6 +148,10 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# A requeued job that becomes eligible by time (its BeginTime) is started by the main
+# scheduling loop, every sched_interval seconds (default 60: every requeue in the tests would
+# wait up to a minute for it).
+SchedulerParameters=sched_interval=2
 # Lets \`scontrol requeue\` put a batch job back in the queue (pretrain.sh does on exit 75).
 JobRequeue=1
 # A node that was down comes back by itself when its slurmd registers again.

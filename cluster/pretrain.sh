@@ -9,14 +9,21 @@
 # Every #SBATCH default below can be overridden on the sbatch command line or through Slurm's
 # own SBATCH_* variables (SBATCH_GPUS_PER_NODE=4, SBATCH_TIMELIMIT=2:00:00, SBATCH_PARTITION=..).
 # Variables read here (sbatch exports the submitting shell's environment into the job):
-#   CONFIG       recipe, relative to the directory sbatch ran in (default configs/pretrain/demo.yaml)
-#   OVERRIDES    more key.sub=value overrides, space-separated (script arguments come after them)
-#   TRAINER      the training command (default: python -m megatron_style.train.pretrain)
-#   MASTER_PORT  rendezvous port (default: 20000 + job id % 20000, the same after a requeue)
+#   CONFIG          recipe, relative to the directory sbatch ran in (default configs/pretrain/demo.yaml)
+#   OVERRIDES       more key.sub=value overrides, split at whitespace, no quoting (a quote in it
+#                   is refused): values with spaces go in OVERRIDES_FILE or the arguments
+#   OVERRIDES_FILE  a file of overrides, one per line, taken as it is (no quoting, no
+#                   expansion); blank lines and lines starting with # are skipped
+#                   Order: OVERRIDES, then OVERRIDES_FILE, then the script's arguments.
+#   TRAINER         the training command, split at whitespace (default: python -m
+#                   megatron_style.train.pretrain)
+#   MASTER_PORT     rendezvous port (default: 20000 + job id % 20000, the same after a requeue)
+#   MAX_RESTARTS    requeue at most this many times (Slurm's restart count; default 20)
 # One task per GPU: with GPUs, srun starts --gpus-per-node tasks per node; with 0 GPUs (CPU,
 # gloo) it starts --ntasks-per-node tasks. The trainer exits 75 after saving a checkpoint when
 # it receives SIGUSR1 (sent 300 s before the time limit) or SIGTERM; this script then requeues
-# the job, and the next run resumes from that checkpoint.
+# the job, and the next run resumes from that checkpoint. Any other status ends the job
+# (cluster/README.md has the table).
 #
 #SBATCH --job-name=beit3-pretrain
 #SBATCH --nodes=1
@@ -30,8 +37,32 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 
-PREEMPTED=75
+# The trainer's exit statuses (megatron_style/train/exit_codes.py).
+OK=0 BAD_CONFIG=2 NONFINITE=3 STOPPED=4 PREEMPTED=75 STALLED=124
 say() { echo "pretrain.sh: $*"; }
+
+# Signals first, before anything that takes time: the batch shell gets them too (scancel
+# --batch, --signal=B:USR1@.., preemption) and the default action would kill it, and with it
+# the requeue. Until srun runs they are remembered (the trainer is then not started at all);
+# while it runs they go on to the tasks; after it ended they change nothing.
+stop_signal=""
+srun_pid=""
+# shellcheck disable=SC2317  # called from the traps
+on_signal() {
+    if [[ -n "$srun_pid" ]] && kill -0 "$srun_pid" 2>/dev/null; then
+        # As SIGUSR1 (checkpoint and exit 75), which srun forwards as it is; a SIGTERM would
+        # make srun cancel the whole step (SIGKILL after KillWait).
+        say "got SIG$1: asking the trainer to checkpoint and stop"
+        kill -USR1 "$srun_pid" 2>/dev/null || true
+    elif [[ -z "$srun_pid" ]]; then
+        say "got SIG$1 before the trainer started: it will not be started"
+    else
+        say "got SIG$1 after the trainer ended: nothing to do"
+    fi
+    stop_signal="${stop_signal:-$1}"
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
 
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     echo "pretrain.sh: submit me with sbatch (see the top of $0 and cluster/README.md)" >&2
@@ -39,8 +70,36 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
 fi
 
 CONFIG="${CONFIG:-configs/pretrain/demo.yaml}"
+MAX_RESTARTS="${MAX_RESTARTS:-20}"
+restarts="${SLURM_RESTART_COUNT:-0}"
+if [[ ! "$MAX_RESTARTS" =~ ^[0-9]+$ ]]; then
+    say "ERROR: MAX_RESTARTS must be a whole number >= 0, got '$MAX_RESTARTS'"
+    exit "$BAD_CONFIG"
+fi
 read -r -a trainer <<<"${TRAINER:-python -m megatron_style.train.pretrain}"
+# OVERRIDES is split at whitespace; quotes in it would be passed on literally and split a
+# value in the middle (run_name="my run" -> 'run_name="my' 'run"'): refuse them.
+if [[ "${OVERRIDES:-}" == *[\"\']* ]]; then
+    say "ERROR: OVERRIDES is split at whitespace and does not understand quotes: put" \
+        "overrides whose values contain spaces in OVERRIDES_FILE (one per line) or pass them" \
+        "as arguments after the script name"
+    exit "$BAD_CONFIG"
+fi
 read -r -a overrides <<<"${OVERRIDES:-}"
+if [[ -n "${OVERRIDES_FILE:-}" ]]; then
+    if [[ ! -r "$OVERRIDES_FILE" ]]; then
+        say "ERROR: OVERRIDES_FILE '$OVERRIDES_FILE' cannot be read (relative to $PWD)"
+        exit "$BAD_CONFIG"
+    fi
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        line="${line%$'\r'}"
+        # Trim surrounding whitespace only: inside the line everything is kept as it is.
+        line="${line#"${line%%[![:space:]]*}"}"
+        line="${line%"${line##*[![:space:]]}"}"
+        [[ -z "$line" || "$line" == \#* ]] && continue
+        overrides+=("$line")
+    done <"$OVERRIDES_FILE"
+fi
 overrides+=("$@")
 
 # Rendezvous from Slurm: rank 0 runs on the first node of the job. The port is derived from
@@ -70,42 +129,106 @@ cpus="${SLURM_CPUS_PER_TASK:-1}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$cpus}"
 export PYTHONUNBUFFERED=1
 
-echo "==== $(date '+%F %T') job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) restart ${SLURM_RESTART_COUNT:-0}"
+echo "==== $(date '+%F %T') job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) restart ${restarts} (at most ${MAX_RESTARTS})"
 echo "nodes:  ${nodes} (${SLURM_JOB_NODELIST})"
 echo "tasks:  $((per_node * nodes)) ($per_node per node), GPUs per node: $gpus, CPUs per task: $cpus"
 echo "master: ${MASTER_ADDR}:${MASTER_PORT}"
-echo "config: ${CONFIG} ${overrides[*]}"
+echo "config: ${CONFIG}${overrides[0]+$(printf ' %q' "${overrides[@]}")}"
 echo "run:    ${trainer[*]}"
 
-# srun's own exit status is the highest of the tasks'. --kill-on-bad-exit is deliberately
-# off: it would SIGTERM the other ranks as soon as the first exits 75 and turn 75 into 143.
-# Each task prints where it runs (the trainer itself logs on rank 0 only), then becomes the
-# trainer (exec: signals reach it directly).
-# shellcheck disable=SC2016  # expanded by the task's bash, not here
-srun --nodes="$nodes" --ntasks="$((per_node * nodes))" --ntasks-per-node="$per_node" \
-    --cpus-per-task="$cpus" --label \
-    bash -c 'echo "task $SLURM_PROCID/$SLURM_NTASKS on ${SLURMD_NODENAME:-$(hostname)} (local rank $SLURM_LOCALID)"; exec "$@"' \
-    task "${trainer[@]}" --config "$CONFIG" "${overrides[@]}" &
-srun_pid=$!
+# One task: say where it runs (the trainer itself logs on rank 0 only), run the trainer as a
+# child and record how it ended. Not `exec`: this shell must see the trainer's status. Slurm
+# signals every process of the step (proctrack linuxproc/cgroup; pgid: the process group,
+# which this shell shares with the trainer), so the trainer gets SIGUSR1/SIGTERM directly;
+# this shell only must not die of them (the traps), and keeps waiting for the real status.
+# srun --kill-on-bad-exit ends the step as soon as one task exits non-zero: a rank that failed
+# does not leave the others waiting in a collective until the time limit. 75 must not do that
+# (the other ranks may still be writing the same checkpoint), so this task exits 0 for it; the
+# status file says 75.
+# shellcheck disable=SC2317,SC2329  # runs in the tasks (declare -f below)
+run_task() {
+    echo "task $SLURM_PROCID/$SLURM_NTASKS on ${SLURMD_NODENAME:-$(hostname)} (local rank $SLURM_LOCALID)"
+    trap : USR1 TERM
+    "$@" &
+    local pid=$! rc=0
+    # wait returns early (>128) when a trapped signal arrives: keep waiting while the trainer
+    # lives, then once more for its real status (bash keeps it for reaped children).
+    while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
+    wait "$pid" || rc=$?
+    if [[ -d "${BEIT3_TASK_STATUS_DIR:-}" ]]; then
+        echo "$rc $(date +%s.%N)" >"$BEIT3_TASK_STATUS_DIR/task-$SLURM_PROCID"
+    fi
+    if [[ $rc -gt 128 ]]; then
+        echo "task $SLURM_PROCID: trainer killed by SIG$(kill -l "$((rc - 128))") (status $rc)"
+    elif [[ $rc == 75 ]]; then
+        echo "task $SLURM_PROCID: trainer exited with status 75 (checkpoint saved)"
+    elif [[ $rc != 0 ]]; then
+        echo "task $SLURM_PROCID: trainer exited with status $rc"
+    fi
+    if [[ $rc == 75 ]]; then exit 0; fi
+    exit "$rc"
+}
 
-# The batch shell itself gets signals too (scancel --batch, --signal=B:USR1@.., preemption).
-# Pass them to the tasks as SIGUSR1 (checkpoint and exit 75), which srun forwards as it is;
-# a SIGTERM would make srun cancel the whole step (SIGKILL after KillWait). The traps stay
-# after srun ends: a late signal must not kill this shell before it requeues.
-# shellcheck disable=SC2317  # called from the traps
-forward() { say "got SIG$1: asking the trainer to checkpoint and stop"; kill -USR1 "$srun_pid" 2>/dev/null || true; }
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-# wait returns early (>128) when a trapped signal arrives: keep waiting while srun lives,
-# then wait once more for its real status (bash keeps it for reaped children).
-while kill -0 "$srun_pid" 2>/dev/null; do
-    wait "$srun_pid" || true
+# Each task's status, for the tasks on this node (task 0 always is: the batch script runs on
+# the first node of the job, and so does task 0). Other nodes have no such directory; their
+# tasks' statuses reach this script through srun's (the highest) and their "task N:" lines.
+status_dir="$(mktemp -d "${TMPDIR:-/tmp}/beit3-pretrain-${SLURM_JOB_ID}.XXXXXX")"
+trap 'rm -rf "$status_dir"' EXIT
+export BEIT3_TASK_STATUS_DIR="$status_dir"
+
+srun_rc=0
+if [[ -n "$stop_signal" ]]; then
+    # Nothing was lost: the latest checkpoint is the one a new run would resume from anyway.
+    say "stop requested (SIG$stop_signal) before the trainer started: taken as a preemption" \
+        "(status $PREEMPTED) with the latest checkpoint unchanged"
+    srun_rc=$PREEMPTED
+else
+    srun --nodes="$nodes" --ntasks="$((per_node * nodes))" --ntasks-per-node="$per_node" \
+        --cpus-per-task="$cpus" --label --kill-on-bad-exit=1 \
+        bash -c "$(declare -f run_task); run_task \"\$@\"" \
+        task "${trainer[@]}" --config "$CONFIG" "${overrides[@]}" &
+    srun_pid=$!
+    # wait returns early (>128) when a trapped signal arrives: keep waiting while srun lives,
+    # then wait once more for its real status.
+    while kill -0 "$srun_pid" 2>/dev/null; do
+        wait "$srun_pid" || true
+    done
+    wait "$srun_pid" || srun_rc=$?
+fi
+
+# The run's status: the first task failure (by time) if any, else 75 if the tasks were
+# preempted, else srun's.
+rc=$srun_rc
+first_fail="" first_time="" later=() preempted=0
+for f in "$status_dir"/task-*; do
+    [[ -e "$f" ]] || continue
+    read -r s t <"$f"
+    task="${f##*/task-}"
+    if [[ $s == "$PREEMPTED" ]]; then
+        preempted=1
+    elif [[ $s != "$OK" ]]; then
+        if [[ -z "$first_time" ]] || [[ "$(printf '%s\n' "$t" "$first_time" | sort -g | head -n 1)" == "$t" ]]; then
+            [[ -n "$first_fail" ]] && later+=("$first_fail")
+            first_fail="task ${task} (status $s)" first_time="$t" rc="$s"
+        else
+            later+=("task ${task} (status $s)")
+        fi
+    fi
 done
-rc=0
-wait "$srun_pid" || rc=$?
+if [[ -n "$first_fail" ]]; then
+    say "$first_fail failed first${later[0]:+ (also failed: ${later[*]})}; srun exited with status $srun_rc"
+elif [[ $srun_rc != 0 && $srun_rc != "$PREEMPTED" ]]; then
+    say "a task failed that recorded no status here (one on another node, or one killed):" \
+        "srun exited with status $srun_rc (see the 'N: task N:' and srun lines above)"
+elif [[ $preempted == 1 ]]; then
+    rc=$PREEMPTED
+elif [[ $srun_rc == 0 ]] && ! compgen -G "$status_dir/task-*" >/dev/null; then
+    say "WARNING: no task recorded its status on this node (task 0 runs elsewhere?):" \
+        "cannot tell a finished run from a preempted one; taking it as finished"
+fi
 
 case "$rc" in
-    0)
+    "$OK")
         say "training finished"
         ;;
     "$PREEMPTED")
@@ -114,10 +237,15 @@ case "$rc" in
         state="$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*')" || state="?"
         state="${state#JobState=}"
         if [[ "$state" != RUNNING ]]; then
-            say "trainer stopped with a checkpoint (exit $PREEMPTED) but the job is $state" \
-                "(cancelled or out of time): not requeueing; resubmit to resume"
+            say "preempted (exit $PREEMPTED) but the job is $state (cancelled or out of time):" \
+                "not requeueing; resubmit to resume from the latest checkpoint"
+        elif [[ "$restarts" -ge "$MAX_RESTARTS" ]]; then
+            say "preempted (exit $PREEMPTED) but the job was already requeued $restarts" \
+                "time(s) (MAX_RESTARTS=$MAX_RESTARTS): not requeueing; resubmit the same" \
+                "command to resume from the latest checkpoint"
         else
-            say "trainer preempted (exit $PREEMPTED, checkpoint saved): requeueing job $SLURM_JOB_ID"
+            say "preempted (exit $PREEMPTED, checkpoint saved): requeueing job $SLURM_JOB_ID" \
+                "(restart $((restarts + 1)) of at most $MAX_RESTARTS)"
             if scontrol requeue "$SLURM_JOB_ID"; then
                 exit 0
             fi
@@ -125,11 +253,23 @@ case "$rc" in
                 "resubmit the same command to resume from the checkpoint"
         fi
         ;;
-    2)
-        say "ERROR: the trainer rejected the configuration (exit 2, ConfigError above)"
+    "$STOPPED")
+        say "trainer stopped on a signal without writing a checkpoint (exit $STOPPED," \
+            "checkpoint.save=false?): not requeueing, a new run would start from scratch"
+        ;;
+    "$BAD_CONFIG")
+        say "ERROR: the trainer rejected the configuration (exit $BAD_CONFIG, ConfigError above)"
+        ;;
+    "$NONFINITE")
+        say "ERROR: the trainer stopped after repeated non-finite losses (exit $NONFINITE);" \
+            "the last good state is in the latest checkpoint: not requeueing"
+        ;;
+    "$STALLED")
+        say "ERROR: the trainer's watchdog found no progress (exit $STALLED, stacks above):" \
+            "not requeueing"
         ;;
     *)
-        say "ERROR: srun exited with status $rc"
+        say "ERROR: the run failed with status $rc: not requeueing"
         ;;
 esac
 exit "$rc"

@@ -244,6 +244,37 @@ class DataConfig:
     # Held-out pairs for the end-of-run evaluation (demo only).
     eval_samples: int = 256
     seed: int = 0
+    # -- bad data and stalls (megatron_style/data/bad_data.py says what is skipped and why) --
+    # A tar member claiming more bytes than this is skipped unread (member_too_large): one
+    # member's read is bounded before it is made. 64 MiB passes every image that
+    # max_image_pixels admits as JPEG/WebP and any real document (a long book is ~2 MB).
+    max_member_bytes: int = 64 * 2**20
+    # An image whose header says more pixels than this is skipped before decoding
+    # (image_too_large). 64 Mpx admits 8K frames and 45-61 Mpx camera photos; decoded as RGB it
+    # is ~0.2 GB per worker, where a 20 KB PNG may claim 13000^2 pixels (2.9 GB decoded). At
+    # most Pillow's own bomb limit (89478485), so Pillow never warns on an admitted image.
+    max_image_pixels: int = 64_000_000
+    # The run stops when more than this fraction of a stream's last bad_sample_window samples
+    # (per loader worker) were bad: a broken data set stops with the counts rather than
+    # spinning; a whole shard of bad samples (img2dataset writes 10000 a shard) does not.
+    max_bad_fraction: float = 0.5
+    bad_sample_window: int = 100_000
+    # Shards a brace pattern or listing names but that do not exist: up to this fraction of a
+    # stream's shards, warn and count each as unreadable_shard when its turn comes (a few
+    # failed downloads); above it, stop at start-up (a wrong range or an unmounted copy).
+    max_missing_shards_fraction: float = 0.01
+    # Resume from a checkpoint written with another shard list (a bad shard removed, shards
+    # added): the position is carried over the way a resume on another number of ranks is
+    # (data/reshard.py). Off, such a resume is refused so that a changed list is never silent.
+    allow_shard_list_change: bool = False
+    # A shard read from a command (pipe:, http(s)://, s3://, gs://) that sends no byte for this
+    # long is given up: the command is killed, the shard counted, the reader goes on. 300 s
+    # rides out network hiccups and throttling; a dead source costs minutes, not the run.
+    read_timeout_s: float = 300.0
+    # No batch from the loader workers for this long stops the run with an error naming this
+    # key (0 = wait forever). Above read_timeout_s, which handles single stalled shards (a batch
+    # may meet one per stream), and below guards.stall_timeout_s, so that the cause is named.
+    loader_timeout_s: float = 1200.0
 
     def stream_weights(self) -> dict[str, float]:
         return {s: getattr(self, s).weight for s in STREAMS}
@@ -283,6 +314,25 @@ class DataConfig:
         _check(0.0 <= self.color_jitter <= 1.0, f"{key}.color_jitter",
                f"must be in [0, 1], got {self.color_jitter}")
         _check(self.eval_samples >= 0, f"{key}.eval_samples", f"must be >= 0, got {self.eval_samples}")
+        _check(self.max_member_bytes >= 1024, f"{key}.max_member_bytes",
+               f"must be >= 1024 bytes, got {self.max_member_bytes}")
+        pillow_limit = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: above it Pillow warns or refuses
+        _check(1 <= self.max_image_pixels <= pillow_limit, f"{key}.max_image_pixels",
+               f"must be in [1, {pillow_limit}] (Pillow's decompression-bomb limit), got "
+               f"{self.max_image_pixels}")
+        _check(0 < self.max_bad_fraction <= 1, f"{key}.max_bad_fraction",
+               f"must be in (0, 1] (1 = never stop for bad data), got {self.max_bad_fraction}")
+        _check(self.bad_sample_window >= 1, f"{key}.bad_sample_window",
+               f"must be >= 1 sample, got {self.bad_sample_window}")
+        _check(0 <= self.max_missing_shards_fraction <= 1, f"{key}.max_missing_shards_fraction",
+               f"must be in [0, 1] (0 = every shard must exist), got "
+               f"{self.max_missing_shards_fraction}")
+        _check(self.read_timeout_s > 0 and math.isfinite(self.read_timeout_s),
+               f"{key}.read_timeout_s", f"must be > 0 seconds, got {self.read_timeout_s}")
+        _check(self.loader_timeout_s == 0 or self.loader_timeout_s > self.read_timeout_s,
+               f"{key}.loader_timeout_s",
+               f"must be 0 (off) or more than {key}.read_timeout_s={self.read_timeout_s}, got "
+               f"{self.loader_timeout_s}")
         self.masking.validate(f"{key}.masking")
         self.tokenizer.validate(f"{key}.tokenizer")
 
@@ -419,8 +469,15 @@ class GuardConfig:
     # A loss above spike_factor x its running mean (over spike_window steps) is logged.
     spike_factor: float = 3.0
     spike_window: int = 100
+    # End the run (status 124, every thread's stack in the log) when no step, start-up phase
+    # or checkpoint completes for this long: a stalled collective or file system must not keep
+    # a job alive doing nothing. Sized for the giant: start-up with a checkpoint load and a
+    # 31 GB save fit well inside 30 minutes. 0 = off.
+    stall_timeout_s: float = 1800.0
 
     def validate(self, key: str = "guards") -> None:
+        _check(self.stall_timeout_s == 0 or self.stall_timeout_s >= 1,
+               f"{key}.stall_timeout_s", f"must be 0 (off) or >= 1 second, got {self.stall_timeout_s}")
         _check(self.max_nonfinite_in_a_row >= 1, f"{key}.max_nonfinite_in_a_row",
                f"must be >= 1, got {self.max_nonfinite_in_a_row}")
         _check(self.spike_factor > 1, f"{key}.spike_factor", f"must be > 1, got {self.spike_factor}")

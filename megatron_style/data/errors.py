@@ -2,8 +2,10 @@
 
 The streaming side catches `BadSample`, counts it by `reason`, logs `source` and moves on to the
 next sample: one broken JPEG or an empty caption in a billion-sample shard set must not stop a
-run. Everything else (a bad configuration, a missing tokenizer file) is a real error and raises
-something else.
+run. Whatever goes wrong while decoding one sample's bytes (Pillow, UTF-8, SentencePiece, of
+any exception type) is turned into a BadSample where the decoding happens (tar_samples.py,
+transforms.py, text_tokenizer.py). Everything else (a bad configuration, a missing tokenizer
+file) is a real error, checked at start-up where it can be, and raises something else.
 """
 from __future__ import annotations
 

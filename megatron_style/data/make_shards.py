@@ -10,8 +10,14 @@ caption, or one document per line of the text files), and for pairs `KEY.json` (
 path and any other columns). Keys count up from 000000000 as img2dataset's do. A CSV or JSONL
 of pairs names an image path (relative paths are relative to that file) and a caption per row;
 rows whose image is missing or unreadable, or whose caption is empty, are skipped and counted.
+Images are checked as training reads them (tar_samples.open_image): formats Pillow identifies
+but shards should not hold (EPS runs Ghostscript) and images with more pixels than
+--max-image-pixels (decompression bombs: a 20 KB PNG may claim 13000^2 pixels) are skipped and
+counted, never decoded.
 The shards are written by webdataset's ShardWriter; a shard closes when it holds
---max-samples samples or has reached --max-bytes (so it can pass that by one sample).
+--max-samples samples or has reached --max-bytes (so it can pass that by one sample). They are
+written into a hidden folder beside the output and moved into place only once the whole set is
+written: a run that fails or is killed half-way leaves the previous shards as they were.
 """
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
+import warnings
 from collections import Counter
 from typing import Iterator, Optional, Sequence
 
@@ -29,10 +37,19 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from megatron_style.data.tar_samples import ReadLimits
+
 COPIED_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 # Found in image folders too; re-encoded as JPEG since the readers take jpg/png/webp only.
 OTHER_IMAGE_EXTS = (".bmp", ".gif", ".tif", ".tiff")
+#: What an input image may be by its bytes (the readers take the first three, the others are
+#: re-encoded); the rest of Pillow's formats are refused unopened.
+INPUT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 KINDS = ("image", "pair", "text")
+
+
+class ImageTooLarge(ValueError):
+    """An input image whose header claims more pixels than --max-image-pixels."""
 
 
 class InputError(ValueError):
@@ -56,12 +73,23 @@ def parse_size(text: str) -> int:
 
 # -- reading inputs ---------------------------------------------------------------------------
 
-def image_member(path: str, verify: bool) -> tuple[str, bytes]:
-    """(extension, bytes) of an image file for a shard. Raises OSError/ValueError if unreadable."""
+def image_member(path: str, verify: bool,
+                 max_pixels: int = ReadLimits.max_image_pixels) -> tuple[str, bytes]:
+    """(extension, bytes) of an image file for a shard. Raises ImageTooLarge, or another
+    exception when the file is unreadable."""
     ext = os.path.splitext(path)[1].lower()
     with open(path, "rb") as f:
         data = f.read()
-    with Image.open(io.BytesIO(data)) as img:  # the header at least must be an image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)  # the header at least
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageTooLarge(str(e)) from None
+    with img:
+        if img.width * img.height > max_pixels:
+            raise ImageTooLarge(f"{img.width}x{img.height} pixels, more than "
+                                f"--max-image-pixels={max_pixels}")
         if verify:
             img.load()
         if ext in COPIED_EXTS:
@@ -162,18 +190,28 @@ class Shards:
         return paths
 
 
-def write_images(inputs: Sequence[str], shards: Shards, verify: bool) -> None:
+def read_image(path: str, shards: Shards, verify: bool,
+               max_pixels: int) -> Optional[tuple[str, bytes]]:
+    """image_member, or None with the reason counted: one bad input file never stops the run."""
+    try:
+        return image_member(path, verify, max_pixels)
+    except ImageTooLarge as e:
+        shards.skip("image too large", f"{path}: {e}")
+    except Exception as e:  # whatever Pillow raises on this file, MemoryError included
+        shards.skip("unreadable image", f"{path}: {type(e).__name__}: {e}")
+    return None
+
+
+def write_images(inputs: Sequence[str], shards: Shards, verify: bool,
+                 max_pixels: int = ReadLimits.max_image_pixels) -> None:
     for path in tqdm(find_images(inputs), unit="image", desc="images", disable=None):
-        try:
-            ext, data = image_member(path, verify)
-        except (OSError, ValueError, SyntaxError) as e:
-            shards.skip("unreadable image", f"{path}: {e}")
-            continue
-        shards.write({ext: data})
+        member = read_image(path, shards, verify, max_pixels)
+        if member is not None:
+            shards.write({member[0]: member[1]})
 
 
 def write_pairs(inputs: Sequence[str], shards: Shards, verify: bool, image_col: str,
-                caption_col: str) -> None:
+                caption_col: str, max_pixels: int = ReadLimits.max_image_pixels) -> None:
     for table in inputs:
         base = os.path.dirname(os.path.abspath(table))
         rows = read_pair_rows(table, image_col, caption_col)
@@ -186,11 +224,10 @@ def write_pairs(inputs: Sequence[str], shards: Shards, verify: bool, image_col: 
             if not image or not os.path.isfile(path):
                 shards.skip("missing image", path)
                 continue
-            try:
-                ext, data = image_member(path, verify)
-            except (OSError, ValueError, SyntaxError) as e:
-                shards.skip("unreadable image", f"{path}: {e}")
+            member = read_image(path, shards, verify, max_pixels)
+            if member is None:
                 continue
+            ext, data = member
             meta = {k: v for k, v in row.items() if k not in (image_col, caption_col)}
             meta.update(key=f"{shards.written:09d}", image=image)
             shards.write({ext: data, "txt": caption, "json": json.dumps(meta).encode()})
@@ -227,11 +264,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--caption-column", default="caption", help="pairs: column of captions")
     p.add_argument("--verify", action="store_true",
                    help="decode every image fully and skip broken ones (default: header only)")
+    p.add_argument("--max-image-pixels", type=int, default=ReadLimits.max_image_pixels,
+                   help="skip images whose header claims more pixels (default %(default)s, "
+                        "as training's data.max_image_pixels)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace shards with the same prefix already in the output folder")
     args = p.parse_args(argv)
     if args.max_samples < 1:
         p.error(f"--max-samples must be >= 1, got {args.max_samples}")
+    if args.max_image_pixels < 1:
+        p.error(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
     return args
 
 
@@ -240,30 +282,57 @@ def make_shards(args: argparse.Namespace) -> list[str]:
         if not os.path.exists(inp):
             raise InputError(f"input {inp!r} does not exist")
     prefix = args.prefix or args.kind
-    old = []
-    if os.path.isdir(args.output):
-        old = [f for f in os.listdir(args.output) if re.fullmatch(rf"{re.escape(prefix)}-\d+\.tar", f)]
+    old = old_shards(args.output, prefix)
     if old and not args.overwrite:
         raise InputError(f"{args.output!r} already has {len(old)} '{prefix}-*.tar' shards; "
                          "pass --overwrite, another --prefix, or another --output")
-    for f in old:  # a smaller new set must not leave old shards behind for a directory spec
-        os.remove(os.path.join(args.output, f))
-    shards = Shards(args.output, prefix, args.max_samples, args.max_bytes)
+    # The new set is written aside and replaces the old one only when complete.
+    staging = os.path.join(args.output, f".{prefix}-partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
+    shards = Shards(staging, prefix, args.max_samples, args.max_bytes)
     try:
-        if args.kind == "image":
-            write_images(args.inputs, shards, args.verify)
-        elif args.kind == "pair":
-            write_pairs(args.inputs, shards, args.verify, args.image_column, args.caption_column)
-        else:
-            write_texts(args.inputs, shards)
+        try:
+            if args.kind == "image":
+                write_images(args.inputs, shards, args.verify, args.max_image_pixels)
+            elif args.kind == "pair":
+                write_pairs(args.inputs, shards, args.verify, args.image_column,
+                            args.caption_column, args.max_image_pixels)
+            else:
+                write_texts(args.inputs, shards)
+        finally:
+            staged = shards.close()
+        for reason, n in sorted(shards.skipped.items()):
+            print(f"skipped {n} ({reason}), e.g. {shards.examples[reason]}", file=sys.stderr)
+        if not staged:
+            raise InputError(f"no {args.kind} samples found in {', '.join(args.inputs)}")
+        paths = publish(staged, args.output, old)
     finally:
-        paths = shards.close()
-    for reason, n in sorted(shards.skipped.items()):
-        print(f"skipped {n} ({reason}), e.g. {shards.examples[reason]}", file=sys.stderr)
-    if not paths:
-        raise InputError(f"no {args.kind} samples found in {', '.join(args.inputs)}")
+        shutil.rmtree(staging, ignore_errors=True)
     pattern = os.path.join(args.output, f"{prefix}-{{{0:06d}..{len(paths) - 1:06d}}}.tar")
     print(f"wrote {shards.written} {args.kind} samples in {len(paths)} shards: {pattern}")
+    return paths
+
+
+def old_shards(folder: str, prefix: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder)
+                  if re.fullmatch(rf"{re.escape(prefix)}-\d+\.tar", f))
+
+
+def publish(staged: list[str], folder: str, old: list[str]) -> list[str]:
+    """Move the complete new set into `folder` (each rename atomic, replacing the old shard of
+    that name), then remove old shards the new set has no counterpart for: a smaller new set
+    must not leave old shards behind for a directory spec."""
+    paths = []
+    for p in staged:
+        dest = os.path.join(folder, os.path.basename(p))
+        os.replace(p, dest)
+        paths.append(dest)
+    new = {os.path.basename(p) for p in paths}
+    for f in old:
+        if f not in new:
+            os.remove(os.path.join(folder, f))
     return paths
 
 

@@ -9,7 +9,9 @@
 `image_targets` stay None: the visual tokenizer runs on the training device and the trainer
 fills them with `PackedBatch.with_image_targets`. All randomness comes from the `rng` argument,
 so a loader that seeds it per sample makes the whole pipeline reproducible. Unusable samples
-raise `BadSample` (errors.py), which the loader counts and skips.
+raise `BadSample` (errors.py), which the loader counts and skips: any error while decoding or
+resizing an image or tokenizing a text is that sample's (MemoryError included); an error
+anywhere else (masking, packing) is a bug and propagates.
 """
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ by all readers (reshard.py): where the old readers stood, so that the new ones g
 A resume costs re-reading (not decoding) the saved window's shard up to the window start, and
 the window itself. Epochs are per reader: one whose shards hold fewer samples starts its next
 epoch sooner, as the training loader never waits for the others.
-Tar reading itself (tar iteration, grouping members by key) is webdataset's; see tar_samples.py.
+Reading one shard (member checks, grouping by key, decoding) is tar_samples.py; opening it
+(files, commands, timeouts) is shard_io.py.
 """
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ from typing import Any, Callable, Iterator, Optional, Union
 import numpy as np
 
 from megatron_style.config import STREAMS, ConfigError
-from megatron_style.data.bad_data import BadDataCounter
+from megatron_style.data.bad_data import BadDataCounter, BadFraction
 from megatron_style.data.errors import BadSample
 from megatron_style.data.raw import RawSample
-from megatron_style.data.tar_samples import read_shard, to_raw
+from megatron_style.data.tar_samples import ReadLimits, read_shard, to_raw
 
 Item = tuple[Union[RawSample, BadSample], list[int]]
 
@@ -71,9 +72,12 @@ class ShardStream:
     def __init__(self, name: str, urls: list[str], reader: int, num_readers: int, seed: int,
                  window: int, resampled: bool, bad: BadDataCounter,
                  state: Optional[dict[str, Any]] = None, epochs: Optional[int] = None,
-                 base: Optional[dict[str, Any]] = None) -> None:
+                 base: Optional[dict[str, Any]] = None, limits: Optional[ReadLimits] = None,
+                 rate: Optional[BadFraction] = None) -> None:
         self.name, self.urls, self.reader, self.num_readers = name, list(urls), reader, num_readers
         self.seed, self.window, self.resampled, self.bad = seed, max(1, window), resampled, bad
+        self.limits = limits or ReadLimits()
+        self.rate = rate  # faults met while reading shards count as bad samples there too
         self.epochs = epochs  # None: forever; tests and evaluation read a fixed number
         if not self.urls:
             raise ConfigError(f"data.{name}.shards: no shards")
@@ -214,7 +218,7 @@ class ShardStream:
                 key = _key(self.seed, self.name, _SAMPLE, self.gen, self.reader,
                            self.window_index, j)
                 try:
-                    yield to_raw(self.name, window[int(order[j])]), key
+                    yield to_raw(self.name, window[int(order[j])], self.limits), key
                 except BadSample as e:
                     yield e, key
             self.window_index += 1
@@ -230,7 +234,7 @@ class _Cursor:
 
     def __init__(self, stream: ShardStream, shard: int, skip: int) -> None:
         self.stream, self.shard, self.read, self.fetches = stream, shard, 0, 0
-        self._it = read_shard(stream.shard_url(shard), stream.bad)
+        self._it = read_shard(stream.shard_url(shard), stream.bad, stream.limits)
         self._next: Any = None
         for _ in range(skip):  # re-read up to where the reader stood
             if self.pop() is None:
@@ -241,12 +245,16 @@ class _Cursor:
         this fetch had already been made before a resume."""
         st = self.stream
         st.bad.muted = (self.shard, self.fetches) < tuple(st._mute_until)
+        before = st.bad.added
         try:
             sample = next(self._it, self._END)
         finally:
             st.bad.muted = False
         self.fetches += 1
         st.fetched = max(tuple(st.fetched), (self.shard, self.fetches))  # type: ignore[assignment]
+        if st.rate is not None:
+            for _ in range(st.bad.added - before):  # members, shards skipped in this fetch
+                st.rate.record(True, st.bad.counts, st.shard_url(self.shard))
         return sample
 
     def peek(self) -> Optional[dict]:

@@ -80,7 +80,7 @@ def decode_reduced(img: Image.Image, box: Box, out_size: int) -> tuple[Image.Ima
         return img, box
     try:
         applied = img.draft("RGB", want)
-    except (OSError, ValueError):
+    except Exception:  # no reduced decode for this file: to_rgb decodes it whole, or says why not
         return img, box
     if not applied:  # already decoded: draft() does nothing
         return img, box
@@ -91,17 +91,21 @@ def decode_reduced(img: Image.Image, box: Box, out_size: int) -> tuple[Image.Ima
 def to_rgb(img: Image.Image, source: str = "") -> Image.Image:
     """Decode (if lazy) and convert to RGB; a truncated or corrupt file raises BadSample."""
     try:
-        img.load()
-        if img.mode == "RGB":
-            return img
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            # Transparent pixels over white, not over whatever colour they happen to store.
-            rgba = img.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(bg, rgba).convert("RGB")
-        return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
-        raise BadSample("bad_image", f"cannot decode: {e}", source) from None
+        return _to_rgb(img)
+    except Exception as e:  # OSError, SyntaxError, MemoryError, struct.error, ...: the file's fault
+        raise BadSample("bad_image", f"cannot decode: {type(e).__name__}: {e}", source) from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    img.load()
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels over white, not over whatever colour they happen to store.
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def crop_resize(img: Image.Image, box: Box, size: int) -> Image.Image:
@@ -156,10 +160,14 @@ def augment(img: Image.Image, size: int, tokenizer_size: Optional[int], crop_sca
     for s in (size, tokenizer_size):
         if s is None:
             continue
-        v = crop_resize(img, box, s)
-        if do_flip:
-            v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        views.append(to_unit_tensor(v))
+        try:  # resampling this sample's pixels: what fails here (memory) is the sample's fault
+            v = crop_resize(img, box, s)
+            if do_flip:
+                v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            views.append(to_unit_tensor(v))
+        except Exception as e:
+            raise BadSample("bad_image", f"cannot resize: {type(e).__name__}: {e}",
+                            source) from None
     if train:
         views = color_jitter(views, jitter, rng)
     model_view = normalize(views[0])

@@ -11,24 +11,17 @@ row range of each rank comes from `shard_range`, which also covers uneven vocabu
     sd = merge_tp([sd_rank0, sd_rank1], cfg)          # -> TP=1 layout
     shards = split_tp(sd, cfg, 4)                     # -> 4 per-rank state dicts
 
-Command line (files hold a plain state dict, or a dict with it under "module" / "model"; a
-trainer checkpoint directory works too, at any ZeRO stage, and brings its own config):
-
-    beit3-convert-tp --preset giant --tensor 1 rank0.pt rank1.pt --out model.pt
-    beit3-convert-tp --config configs/pretrain/giant.yaml --tensor 4 model.pt --out tp4/
-    beit3-convert-tp runs/giant/checkpoints/step_00100000 --tensor 1 --out model.pt
+Reading and writing files of either layout is `megatron_style/checkpoint/convert_tp.py`
+(`beit3-convert-tp`).
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
-from megatron_style.config import ModelConfig, load_config, model_config
+from megatron_style.config import ModelConfig
 from megatron_style.parallel.layers import shard_range
 from megatron_style.parallel.mappings import TPGroup
 
@@ -160,99 +153,3 @@ def split_tp(sd: StateDict, cfg: ModelConfig, tensor_size: int) -> list[StateDic
 def convert_tp(shards: Sequence[StateDict], cfg: ModelConfig, tensor_size: int) -> list[StateDict]:
     """Shards at one TP degree -> shards at another (a list of one for the single layout)."""
     return split_tp(merge_tp(shards, cfg), cfg, tensor_size)
-
-
-def merge_checkpoint_tp(tag_dir: str):
-    """fp32 state dict of a DeepSpeed checkpoint written with any TP degree and ZeRO stage,
-    merged to the single-process layout, plus its step and config (see consolidate.py)."""
-    from megatron_style.parallel.consolidate import merge_checkpoint_tp as merge
-    return merge(tag_dir)
-
-
-# ---- files -----------------------------------------------------------------------------------
-
-def _unwrap(obj: Any, path: str) -> StateDict:
-    if isinstance(obj, dict):
-        for key in ("module", "model"):
-            if isinstance(obj.get(key), dict):
-                return obj[key]
-        if all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-    raise ValueError(f"{path}: expected a state dict, or a dict holding one under 'module' or "
-                     "'model'")
-
-
-def read_shards(inputs: Sequence[str]) -> list[StateDict]:
-    """Files in tensor-rank order, or one DeepSpeed checkpoint directory (a step_XXXXXXXX
-    directory of the trainer; any ZeRO stage: the fp32 master weights are read)."""
-    if len(inputs) == 1 and os.path.isdir(inputs[0]):
-        from megatron_style.parallel.consolidate import tensor_rank_state_dicts
-        return tensor_rank_state_dicts(inputs[0])
-    for f in inputs:
-        if not os.path.isfile(f):
-            raise ValueError(f"input {f!r} does not exist")
-    return [_unwrap(torch.load(f, map_location="cpu", weights_only=True), f) for f in inputs]
-
-
-def write_shards(shards: list[StateDict], out: str) -> list[str]:
-    if len(shards) == 1:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        torch.save(shards[0], out)
-        return [out]
-    os.makedirs(out, exist_ok=True)
-    paths = [os.path.join(out, f"tp_rank_{r:02d}.pt") for r in range(len(shards))]
-    for sd, p in zip(shards, paths):
-        torch.save(sd, p)
-    return paths
-
-
-def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
-    if not args.config and not args.preset:
-        # A trainer checkpoint records its config.
-        from megatron_style.parallel.consolidate import checkpoint_config
-        cfg = (checkpoint_config(args.inputs[0])
-               if len(args.inputs) == 1 and os.path.isdir(args.inputs[0]) else None)
-        if cfg is None:
-            raise ValueError("give --preset or --config: the inputs do not record a model config")
-        return cfg
-    if args.config:
-        return load_config(args.config, [f"model.{s}" for s in args.set]).model
-    overrides = {}
-    from megatron_style.config import parse_override
-    for s in args.set:
-        path, value = parse_override(s)
-        overrides[".".join(path)] = value
-    return model_config(args.preset, **overrides)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="beit3-convert-tp", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="model preset: tiny, base, large, giant (not needed for a "
-                     "trainer checkpoint directory, which records its config)")
-    src.add_argument("--config", help="pretraining recipe (YAML/JSON); its `model` section is used")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="model field override, e.g. --set text_vocab_size=64010 (repeatable)")
-    p.add_argument("--tensor", type=int, required=True, help="tensor-parallel degree to write")
-    p.add_argument("inputs", nargs="+", help="per-rank state dict files in tensor-rank order, "
-                   "or one checkpoint directory of the trainer (step_XXXXXXXX, any ZeRO stage)")
-    p.add_argument("--out", required=True,
-                   help="output file for --tensor 1, else a directory for tp_rank_XX.pt files")
-    p.add_argument("--no-check-replicated", action="store_true",
-                   help="do not require replicated tensors to be equal across input ranks")
-    args = p.parse_args(argv)
-    try:
-        cfg = model_config_from_args(args)
-        shards = read_shards(args.inputs)
-        merged = merge_tp(shards, cfg, check_replicated=not args.no_check_replicated)
-        paths = write_shards(split_tp(merged, cfg, args.tensor), args.out)
-    except (ValueError, KeyError) as e:
-        print(f"beit3-convert-tp: error: {e}", file=sys.stderr)
-        return 2
-    print(f"TP={len(shards)} -> TP={args.tensor}: wrote {', '.join(paths)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

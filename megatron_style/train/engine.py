@@ -2,12 +2,42 @@
 
 ZeRO stage, precision, gradient accumulation and clipping are DeepSpeed's; the optimizer is
 torch's AdamW (fused on CUDA), DeepSpeed's FusedAdam, or apex's FusedAdam, wrapped so that the
-training loop can veto one update (a non-finite loss on any rank) identically under every
-ZeRO stage and precision. The learning rate is set by the loop from `schedule.learning_rate`.
+training loop can veto an update (a non-finite loss on any rank) identically under every
+ZeRO stage and precision:
+
+    with skip_update(engine, skip=ranks_agreed_the_step_is_bad):
+        engine.step()
+
+The learning rate is set by the loop from `schedule.learning_rate`.
+
+What DeepSpeed 0.19.8 does inside engine.step() at an accumulation boundary, and so what the
+veto has to cover (tests/faults/test_nonfinite_skip.py checks every tensor of it):
+  ZeRO-0 fp32       engine clips the gradients (a NaN norm makes them NaN, touches nothing
+                    else), calls our optimizer's step() once, sets every .grad to None.
+  ZeRO-0 bf16/fp16  FP16_UnfusedOptimizer (FP16_Optimizer with FusedAdam): checks overflow
+                    always and skips by itself; otherwise unscales/clips the fp32 gradients,
+                    calls step() once (all groups), copies the fp32 masters to the weights.
+                    (Its constructor steps once on zero gradients: see build_engine.)
+  ZeRO-1/2          DeepSpeedZeroOptimizer: overflow check (fp16 always; fp32 on an invalid
+                    norm; bf16 only if bf16.check_grad_overflow, the default) then, per
+                    parameter group, step() with param_groups narrowed to that group, the fp32
+                    partition copied into the bit16 partition, all-gather; after the first
+                    group's step() it links every weight to its Adam state, once for good.
+  ZeRO-1 bf16 with data_types.grad_accum_dtype=fp32: BF16_Optimizer, overflow check on the
+                    norm always, one step() on all groups, the same one-time state linking.
+  ZeRO-3            DeepSpeedZeroOptimizer_Stage3: overflow check on the norm always, then per
+                    sub-group (one per parameter group here) step() on the flat fp32 partition
+                    and a copy into the bit16 partition.
+  Engine            lr scheduler stepped unless the wrapper reports overflow; skipped_steps and
+                    was_step_applied() follow the wrapper's overflow flag; global_steps counts
+                    every boundary, skipped or not (as for DeepSpeed's own skips).
+So the veto is held for the whole engine.step() (every step() call is a no-op), the copies
+back to the weights then copy unchanged masters, and the bookkeeping is put right afterwards.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -33,17 +63,76 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 class SkippableStep:
-    """Mixin for an optimizer class: `skip_next = True` turns the next step() into a no-op.
-    DeepSpeed calls the wrapped optimizer's step() on its (flat, partitioned) fp32 master
-    weights under every ZeRO stage, so vetoing here leaves weights and moments untouched."""
+    """Mixin for an optimizer class: step() does nothing while the update is vetoed.
 
-    skip_next = False
+    The veto is held by `skip_update` for a whole engine.step(): DeepSpeed calls step() once
+    per parameter group under ZeRO (our decay and no_decay groups), once in the bf16/fp16
+    wrappers, and not at all when it finds an overflow itself, so a one-shot flag either
+    covers too little or leaks into the next step."""
 
-    def step(self, closure=None):  # type: ignore[override]
-        if self.skip_next:
-            self.skip_next = False
+    _update_vetoed = False
+
+    def step(self, *args, **kwargs):  # type: ignore[override]
+        if self._update_vetoed:
             return None
-        return super().step(closure)  # type: ignore[misc]
+        return super().step(*args, **kwargs)  # type: ignore[misc]
+
+    @property
+    def skip_next(self) -> bool:
+        return False
+
+    @skip_next.setter
+    def skip_next(self, value: bool) -> None:
+        raise AttributeError(
+            "optimizer.skip_next is gone: a one-shot flag covered one of DeepSpeed's per-group "
+            "step() calls; veto the update with `with skip_update(engine, skip): engine.step()`")
+
+
+@contextlib.contextmanager
+def skip_update(engine, skip: bool = True) -> Iterator[None]:
+    """Veto the optimizer update of the engine.step() run inside, on this rank.
+
+        with skip_update(engine, skip=decision_of_all_ranks):
+            engine.step()
+
+    With skip false this does nothing. With skip true the step changes no tensor: weights,
+    fp32 masters, Adam moments and step counters stay bit-identical, at every ZeRO stage and
+    precision, whether DeepSpeed found an overflow itself or not (fp16's loss scaler may still
+    lower its scale: that is its job). The step's gradients are cleared as after any step, the
+    engine counts it in skipped_steps and was_step_applied() is False; global_steps counts it,
+    as DeepSpeed does for its own skips. The veto ends when the block ends, also on an
+    exception. Every rank must take the same decision (the vetoed step still runs DeepSpeed's
+    collectives), and the block must hold the engine.step() of an accumulation boundary.
+    """
+    if not skip:
+        yield
+        return
+    managed = getattr(engine, "managed_gradient_accumulation", lambda: True)()
+    if managed and not engine.is_gradient_accumulation_boundary():
+        raise RuntimeError("skip_update(engine, True) must hold the engine.step() of a gradient "
+                           "accumulation boundary (the last micro-batch of the step); earlier "
+                           "engine.step() calls update nothing")
+    outer = engine.optimizer
+    base = base_optimizer(outer)
+    # DeepSpeed links each weight to its Adam state after the first update it runs (ZeRO-1/2,
+    # BF16_Optimizer), for good: a vetoed first update would link the weights to empty state.
+    linked = getattr(outer, "_hp_optimizer_states_linked", None)
+    had_state = {id(k) for k in base.state}
+    scheduler = getattr(engine, "lr_scheduler", None)
+    engine.lr_scheduler = None  # stepped after an update DeepSpeed saw no overflow in
+    base._update_vetoed = True
+    try:
+        yield
+        if getattr(engine, "_step_applied", False):  # DeepSpeed did not skip it by itself
+            engine._step_applied = False
+            engine.skipped_steps += 1
+    finally:
+        base._update_vetoed = False
+        engine.lr_scheduler = scheduler
+        if linked is False:
+            outer._hp_optimizer_states_linked = False
+        for k in [k for k, v in base.state.items() if id(k) not in had_state and not v]:
+            del base.state[k]  # empty entries the narrowed per-group lookups created
 
 
 def _optimizer_class(impl: str, device: torch.device):
@@ -112,13 +201,24 @@ def build_engine(model: nn.Module, cfg: PretrainConfig, device: torch.device, mp
         from megatron_style.parallel.zero3 import register_zero3_parameters
         register_zero3_parameters(model, model.beit3.layers)
     optimizer = build_optimizer(model, cfg, device)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=deepspeed_config(cfg), mpu=mpu)
+    # DeepSpeed's bf16/fp16 wrappers at ZeRO-0 (FP16_Optimizer, FP16_UnfusedOptimizer) "create
+    # the optimizer state" by stepping it once on zero gradients: AdamW then decays the fp32
+    # masters but not the weights, and counts an Adam step nobody took, so the masters no
+    # longer match the weights until the first update (a vetoed one would copy them over).
+    # Vetoed here, Adam's state comes from the first real update, as at every other stage.
+    base = optimizer
+    base._update_vetoed = True
+    try:
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=base,
+                                                       config=deepspeed_config(cfg), mpu=mpu)
+    finally:
+        base._update_vetoed = False
     return engine, optimizer
 
 
 def base_optimizer(optimizer) -> SkippableStep:
-    """The wrapped torch optimizer inside DeepSpeed's ZeRO / mixed-precision wrapper."""
+    """The wrapped torch optimizer inside DeepSpeed's ZeRO / mixed-precision wrapper (or the
+    engine's optimizer itself at ZeRO-0 fp32)."""
     seen = optimizer
     for _ in range(4):
         if isinstance(seen, SkippableStep):

@@ -10,13 +10,13 @@ and wrong with a swapped one: the gap between the two accuracies is the measure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from megatron_style.files import write_json
 from megatron_style.config import PretrainConfig
 from megatron_style.model.batch import S_PAIR_TEXT, PackedBatch, Sample, pack_samples
 
@@ -61,8 +61,7 @@ def evaluate_trainer(trainer) -> Optional[dict]:
     if trainer.rank == 0:
         print(format_result(result), flush=True)
         os.makedirs(cfg.logging.dir, exist_ok=True)
-        with open(os.path.join(cfg.logging.dir, "eval.json"), "w") as f:
-            json.dump({"step": trainer.step, **result}, f, indent=2)
+        write_json(os.path.join(cfg.logging.dir, "eval.json"), {"step": trainer.step, **result})
         from torch.utils.tensorboard import SummaryWriter
         with SummaryWriter(cfg.logging.dir) as w:
             w.add_scalar("eval/acc_true_image", result["acc_true_image"], trainer.step)
@@ -88,9 +87,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from megatron_style.data.text_tokenizer import build_text_tokenizer
     from megatron_style.data.visual_tokenizers import build_visual_tokenizer
     from megatron_style.model.pretraining import MaskedDataModel
-    from megatron_style.train.export import load_model_file, read_checkpoint_config
+    from megatron_style.checkpoint.directory import resolve
+    from megatron_style.checkpoint.fp32 import checkpoint_pretrain_config
+    from megatron_style.checkpoint.model_files import load_model_file
 
-    cfg = read_checkpoint_config(args.checkpoint)
+    cfg = checkpoint_pretrain_config(os.path.join(*resolve(args.checkpoint)))
     if cfg.data.source != "demo":
         print("error: the caption evaluation uses the demo generator; this run trained on "
               f"data.source={cfg.data.source!r}", file=sys.stderr)

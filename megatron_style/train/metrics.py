@@ -3,6 +3,7 @@ bar with ETA on a terminal (plain log lines otherwise). Only rank 0 writes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -60,8 +61,13 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         os.makedirs(cfg.dir, exist_ok=True)
-        self.writer = SummaryWriter(cfg.dir)
-        self.jsonl = open(os.path.join(cfg.dir, "metrics.jsonl"), "a", buffering=1)
+        # A run resumed at step S after a crash had logged steps after S that it now trains
+        # again: TensorBoard drops its events past S (purge_step), and so does metrics.jsonl,
+        # so that every step appears once, as the run that continued saw it.
+        self.writer = SummaryWriter(cfg.dir, purge_step=start_step + 1 if start_step else None)
+        path = os.path.join(cfg.dir, "metrics.jsonl")
+        drop_rows_after(path, start_step)
+        self.jsonl = open(path, "a", buffering=1)
         use_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
         if use_bar:
             from tqdm import tqdm
@@ -81,7 +87,7 @@ class MetricsLogger:
             return
         for k, v in scalars.items():
             self.writer.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.write(json_line({"step": step, **scalars}) + "\n")
         if self.bar is not None:
             self.bar.set_postfix_str(_short(scalars), refresh=False)
         else:
@@ -105,6 +111,34 @@ class MetricsLogger:
         self.writer.flush()
         self.writer.close()
         self.jsonl.close()
+
+
+def json_line(row: dict[str, float]) -> str:
+    """One JSON object; a non-finite value (a NaN loss) is null, as JSON has no NaN."""
+    return json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                       for k, v in row.items()}, allow_nan=False)
+
+
+def drop_rows_after(path: str, step: int) -> None:
+    """Rewrite metrics.jsonl without its rows past `step` (and without a line cut short by a
+    crash), durably; nothing to do when there are none."""
+    if not os.path.isfile(path):
+        return
+    keep, changed = [], False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                ok = isinstance(row, dict) and int(row.get("step", 0)) <= step
+            except ValueError:
+                ok = False
+            if ok and line.endswith("\n"):
+                keep.append(line)
+            else:
+                changed = True
+    if changed:
+        from megatron_style.files import write_text
+        write_text(path, "".join(keep))
 
 
 def _short(s: dict[str, float]) -> str:

@@ -6,19 +6,25 @@
 
 The config is read and checked before any process group starts: a bad value exits with
 status 2 and `ConfigError: <key>: <what is wrong>` on stderr.
-Exit status: 0 done, 1 error, 2 bad config, 3 stopped after repeated non-finite losses,
-75 preempted (checkpoint saved; requeue and run the same command to resume).
+Exit status (the same on every rank; train/exit_codes.py): 0 done, 1 error, 2 bad config,
+3 stopped after repeated non-finite losses, 4 stopped on a signal without a checkpoint,
+75 preempted (checkpoint written; run the same command to resume), 124 stalled (watchdog).
+
+Failures are loud and fast: a rank that fails prints its traceback (with its rank) and exits
+at once, without waiting for the others in a collective; the others then fail in their next
+collective, or the launcher ends them (deepspeed, torchrun and srun --kill-on-bad-exit do).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
 from typing import Optional
 
 from megatron_style.config import ConfigError, PretrainConfig, load_config
-from megatron_style.train.exit_codes import BAD_CONFIG as EXIT_CONFIG
-from megatron_style.train.exit_codes import OK as EXIT_OK
+from megatron_style.train import exit_codes
+from megatron_style.train.signals import StopRequest
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -37,9 +43,16 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def check_paths(cfg: PretrainConfig) -> None:
-    """Files the run needs must exist before we start processes that would wait on them."""
-    if cfg.checkpoint.init_from and not os.path.exists(cfg.checkpoint.init_from):
-        raise ConfigError(f"checkpoint.init_from: {cfg.checkpoint.init_from!r} does not exist")
+    """Files the run needs must exist, and its checkpoint.dir must not belong to another run,
+    before we start processes that would wait on them."""
+    from megatron_style.checkpoint.directory import check_one_run
+    ck = cfg.checkpoint
+    if ck.init_from and not os.path.exists(ck.init_from):
+        raise ConfigError(f"checkpoint.init_from: {ck.init_from!r} does not exist")
+    try:
+        check_one_run(ck.resume, ck.dir, ck.init_from)
+    except ValueError as e:
+        raise ConfigError(f"checkpoint.dir: {e}") from None
     if cfg.data.source == "synthetic":
         return  # random token ids and targets: no data and no tokenizer files are read
     from megatron_style.data.loader import check_data_paths
@@ -47,6 +60,7 @@ def check_paths(cfg: PretrainConfig) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    stop = StopRequest().install()  # first: a signal during start-up is kept, not fatal
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.resume:
@@ -56,29 +70,75 @@ def main(argv: Optional[list[str]] = None) -> int:
         check_paths(cfg)
     except ConfigError as e:
         print(f"ConfigError: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+        return exit_codes.BAD_CONFIG
     if args.print_config:
         from megatron_style.config import dump_yaml
         print(dump_yaml(cfg))
-        return EXIT_OK
+        return exit_codes.OK
+    return run(cfg, stop)
 
+
+def run(cfg: PretrainConfig, stop: StopRequest) -> int:
+    from megatron_style.train.distributed import read_env
+    from megatron_style.train.watchdog import Watchdog
+
+    env = read_env()
+    watchdog = Watchdog(cfg.guards.stall_timeout_s, env.rank).start()
+    try:
+        import torch.distributed as dist
+
+        from megatron_style.train.distributed import init_distributed
+        from megatron_style.train.trainer import Trainer
+
+        device = init_distributed(env)
+        watchdog.beat("building the model and engine")
+        trainer = Trainer(cfg, device, stop, watchdog)
+        code = trainer.train()
+        if code == exit_codes.OK and cfg.eval_at_end and cfg.data.source == "demo":
+            from megatron_style.train.evaluate import evaluate_trainer
+            watchdog.beat("evaluation")
+            evaluate_trainer(trainer)
+        watchdog.beat("shutting down")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt and SystemExit too
+        fail(env.rank, e)
+    watchdog.stop()
+    return code
+
+
+def fail(rank: int, e: BaseException) -> None:
+    """End this rank now: its traceback, then os._exit. No barrier, no process-group teardown
+    and no interpreter cleanup: each could wait forever on a peer that is gone, or on this
+    rank's own stuck loader workers (they notice their parent is gone and exit)."""
+    if isinstance(e, ConfigError):  # a check that can only run once the processes exist
+        print(f"ConfigError: {e}", file=sys.stderr, flush=True)
+        _exit(exit_codes.BAD_CONFIG)
+    hint = ""
+    if _is_collective_failure(e):
+        hint = " (a collective failed: another rank probably failed first; see its message)"
+    lines = traceback.format_exception(type(e), e, e.__traceback__)
+    sys.stderr.write("".join(lines))
+    print(f"rank {rank}: FAILED: {type(e).__name__}: {e}{hint}", file=sys.stderr, flush=True)
+    _exit(exit_codes.FAILED)
+
+
+def _is_collective_failure(e: BaseException) -> bool:
     import torch.distributed as dist
 
-    from megatron_style.train.distributed import init_distributed, read_env
-    from megatron_style.train.trainer import Trainer
+    kinds = tuple(k for k in (getattr(dist, "DistError", None),) if k is not None)
+    text = str(e)
+    return (bool(kinds) and isinstance(e, kinds)) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer",
+                            "Broken pipe", "NCCL", "gloo"))
 
-    device = init_distributed(read_env())
+
+def _exit(code: int) -> None:
     try:
-        trainer = Trainer(cfg, device)
-        code = trainer.train()
-        if code == EXIT_OK and cfg.eval_at_end and cfg.data.source == "demo":
-            from megatron_style.train.evaluate import evaluate_trainer
-            evaluate_trainer(trainer)
+        sys.stdout.flush()
+        sys.stderr.flush()
     finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-    return code
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
+import uuid
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_style.checkpoint.rank_state import rng_state
+from megatron_style.checkpoint.resume import load_loader_states, resume_engine
+from megatron_style.checkpoint.save import CheckpointWriter, on_rank0
 from megatron_style.config import PretrainConfig, dump_yaml
 from megatron_style.model.batch import TARGET_STREAMS, PackedBatch
 from megatron_style.model.pretraining import MaskedDataModel
-from megatron_style.train import checkpointing
-from megatron_style.train.engine import base_optimizer, build_engine, set_learning_rate
+from megatron_style.train.engine import (base_optimizer, build_engine, set_learning_rate,
+                                         skip_update)
 from megatron_style.train.guards import LossGuard, TooManyNonFinite
 from megatron_style.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
 from megatron_style.train.profiling import StepProfiler
@@ -30,27 +33,23 @@ from megatron_style.train.schedule import learning_rate
 from megatron_style.train.exit_codes import NONFINITE as EXIT_NONFINITE
 from megatron_style.train.exit_codes import OK as EXIT_OK
 from megatron_style.train.exit_codes import PREEMPTED as EXIT_PREEMPTED
+from megatron_style.train.exit_codes import STOPPED as EXIT_STOPPED
+from megatron_style.train.signals import StopRequest
+from megatron_style.train.watchdog import Watchdog
 
 # Test hook: comma-separated steps (1-based) whose loss is replaced by NaN on every rank.
 INJECT_NAN_ENV = "BEIT3_INJECT_NAN_STEPS"
 
 
-class Preemption:
-    """SIGUSR1 (Slurm's warning signal) or SIGTERM: finish the step, save, exit 75."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.requested = True
-
-
 class Trainer:
-    def __init__(self, cfg: PretrainConfig, device: torch.device):
+    def __init__(self, cfg: PretrainConfig, device: torch.device,
+                 stop: Optional[StopRequest] = None, watchdog: Optional[Watchdog] = None):
         self.cfg = cfg
         self.device = device
+        # SIGUSR1 / SIGTERM: finish the step, save, exit 75 (train/signals.py). The entry
+        # point installs the handlers before start-up; a Trainer built elsewhere does it here.
+        self.stop = stop if stop is not None else StopRequest().install()
+        self.watchdog = watchdog if watchdog is not None else Watchdog(0)
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self._setup_parallel()
@@ -60,11 +59,11 @@ class Trainer:
         self.model = MaskedDataModel(cfg.model, self.tp)
         if self.tp is not None:
             # Saved with every checkpoint: how tensor-parallel slices merge, so a TP run can
-            # resume on another number of data-parallel ranks (parallel/elastic.py).
-            from megatron_style.parallel.elastic import universal_checkpoint_info
+            # resume on another number of data-parallel ranks (checkpoint/universal.py).
+            from megatron_style.checkpoint.universal import universal_checkpoint_info
             self.model.universal_checkpoint_info = universal_checkpoint_info(self.model)
         if cfg.checkpoint.init_from:
-            from megatron_style.train.export import load_model_file
+            from megatron_style.checkpoint.model_files import load_model_file
             load_model_file(self.model, cfg.checkpoint.init_from)
         torch.manual_seed(cfg.seed + 1000 * self.dp_rank + 1)
         if cfg.parallel.activation_checkpointing:
@@ -75,8 +74,12 @@ class Trainer:
         self.visual_tokenizer = self._build_visual_tokenizer()
         self.loader = self._build_loader()
         self.guard = LossGuard(cfg.guards)
-        self.preemption = Preemption()
         self.step = 0
+        self.run_id = ""
+        # The step whose state a checkpoint holds (resumed from or written): a stop exits 75
+        # ("run again to continue") only when nothing would be lost.
+        self.saved_step: Optional[int] = None
+        self.writer: Optional[CheckpointWriter] = None
         self._flops_fn = _flops_function(self.model)
 
     # ---- setup ----------------------------------------------------------------------------
@@ -122,32 +125,60 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def resume(self) -> Optional[str]:
-        found = checkpointing.resolve_resume(self.cfg.checkpoint.resume, self.cfg.checkpoint.dir)
-        if found is None:
-            return None
-        load_dir, tag = found
-        client, rank_state = checkpointing.load(self.engine, load_dir, tag)
-        self.step = int(client["step"])
-        self.guard.load_state_dict(client["guard"])
-        if rank_state is not None and not self.loader.layout_changed(rank_state["loader"]):
-            self.loader.load_state_dict(rank_state["loader"])
-        else:
-            # Another number of ranks or loader workers: the readers own other shards now, so
-            # continue from where all the old ranks' readers stood (data/reshard.py).
-            where = self.loader.load_resharded(checkpointing.load_loader_states(load_dir, tag))
-            self._log(f"checkpoint {tag} was written with another data layout (ranks or "
-                      f"data.num_workers): the data position is carried over: {where}")
-        return os.path.join(load_dir, tag)
+        """Collective. Load the newest checkpoint every rank can load (checkpoint/resume.py);
+        returns its path, or None when starting from scratch."""
+        ck = self.cfg.checkpoint
+        self.watchdog.beat("resuming")
+        found = resume_engine(self.engine, ck.resume, ck.dir, self._log)
+        if found is not None:
+            client, rank_state = found.client, found.rank_state
+            self.step = int(client["step"])
+            self.guard.load_state_dict(client["guard"])
+            if rank_state is not None and not self.loader.layout_changed(rank_state["loader"]):
+                self.loader.load_state_dict(rank_state["loader"])
+            else:
+                # Another number of ranks or loader workers: the readers own other shards now,
+                # so continue from where all the old ranks' readers stood (data/reshard.py).
+                where = self.loader.load_resharded(load_loader_states(found.tag_dir))
+                self._log(f"checkpoint {found.tag_dir} was written with another data layout "
+                          f"(ranks or data.num_workers): the data position is carried over: {where}")
+            self.run_id = found.run_id
+        if not self.run_id:  # a new run (or one from before run ids): rank 0 names it
+            self.run_id = on_rank0(lambda: uuid.uuid4().hex[:12])
+        self.saved_step = self.step
+        self.writer = CheckpointWriter(self.engine, ck.dir, ck.keep_last, self.run_id,
+                                       ck.init_from, self._log)
+        return found.tag_dir if found is not None else None
 
-    def save(self) -> str:
-        """Write a checkpoint; returns its path, or a phrase saying none was written."""
+    def save(self) -> Optional[str]:
+        """Collective. Write a checkpoint of the current step; returns its path, or None when
+        checkpoint.save is false. Raises CheckpointError on every rank when any rank could not
+        write its part (the previous checkpoints stay as they are)."""
         if not self.cfg.checkpoint.save:
-            return "none (checkpoint.save is false)"
-        client = {"step": self.step, "guard": self.guard.state_dict(),
+            return None
+        self.watchdog.beat(f"saving the checkpoint of step {self.step}")
+        client = {"step": self.step, "guard": self.guard.state_dict(), "run_id": self.run_id,
                   "config": dump_yaml(self.cfg), "world_size": self.world}
-        tag = checkpointing.save(self.engine, self.cfg.checkpoint.dir, self.step, client,
-                                 {"loader": self.loader.state_dict()}, self.cfg.checkpoint.keep_last)
-        return os.path.join(self.cfg.checkpoint.dir, tag)
+        path = self.writer.save(self.step, client,
+                                {"rng": rng_state(), "loader": self.loader.state_dict()})
+        self.saved_step = self.step
+        self.watchdog.beat()
+        return path
+
+    def _stop_now(self, why: str) -> int:
+        """Collective. Save on a stop request; the exit status says whether a checkpoint
+        holds the current state (75: run again to continue) or not (4)."""
+        path = self.save()
+        sig = self.stop.describe()
+        if path is not None or self.saved_step == self.step:
+            where = path or "the checkpoint resumed from"
+            self._log(f"stop requested ({why}): checkpoint {where} holds step {self.step}; "
+                      f"exiting with status {EXIT_PREEMPTED} (resume by running the same command)")
+            return EXIT_PREEMPTED
+        self._log(f"stop requested ({why}) at step {self.step}: no checkpoint written "
+                  f"(checkpoint.save is false); exiting with status {EXIT_STOPPED}; the steps "
+                  f"since {self.saved_step} are lost (signal {sig})")
+        return EXIT_STOPPED
 
     # ---- the loop -------------------------------------------------------------------------
     def train(self) -> int:
@@ -159,6 +190,10 @@ class Trainer:
             self._log(f"the checkpoint is already at step {self.step} of {cfg.steps}: nothing to train")
             self.metrics.close()
             return EXIT_OK
+        if self._agree_flag(self.stop.requested):  # a signal during start-up
+            code = self._stop_now(f"{self.stop.describe()} during start-up")
+            self.metrics.close()
+            return code
         inject = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
         it = iter(self.loader)
         acc = _Accumulator(self.device)
@@ -173,6 +208,7 @@ class Trainer:
                             self._log if self.rank == 0 else print)
         try:
             while self.step < last:
+                self.watchdog.beat(f"step {self.step + 1}")
                 prof.step_begins(self.step + 1)
                 lr = learning_rate(self.step, cfg.steps, cfg.optim)
                 set_learning_rate(base_optimizer(self.optimizer), lr)
@@ -194,11 +230,13 @@ class Trainer:
                     acc.add(out.stats, cpu_batch, self._flops_fn)  # host metadata: no GPU sync
                     with prof.range("backward"):
                         self.engine.backward(loss)
-                    if micro == gas - 1:
+                    last_micro = micro == gas - 1
+                    if last_micro:
                         decision = self._agree(step_loss)
-                        if decision["bad"]:
-                            base_optimizer(self.optimizer).skip_next = True
-                    with prof.range("optimizer"):
+                    # A non-finite loss on any rank: every rank vetoes the whole update
+                    # (engine.py: no weight, master, moment or counter moves).
+                    with prof.range("optimizer"), \
+                            skip_update(self.engine, skip=last_micro and decision["bad"]):
                         self.engine.step()
                 self.step += 1
                 prof.step_done(self.step)
@@ -219,21 +257,19 @@ class Trainer:
                     t_last, steps_since = now, 0
                 self.metrics.advance()
                 if decision["preempt"]:
-                    path = self.save()
-                    self._log(f"preemption signal: checkpoint {path} at step {self.step}; exiting "
-                              f"with status {EXIT_PREEMPTED} (resume by running the same command)")
-                    exit_code = EXIT_PREEMPTED
+                    exit_code = self._stop_now(self.stop.describe())
                     break
                 if self.step % cfg.checkpoint.every_steps == 0 and self.step < last:
                     self.save()
             else:
                 path = self.save()
                 done = "finished" if self.step >= cfg.steps else "stopped (stop_at_step) after"
-                self._log(f"{done} {self.step} of {cfg.steps} steps; checkpoint {path}")
+                self._log(f"{done} {self.step} of {cfg.steps} steps; checkpoint "
+                          f"{path or 'none (checkpoint.save is false)'}")
         except TooManyNonFinite as e:
             self._log(f"ERROR: {e}")
             path = self.save()
-            self._log(f"the last good state: checkpoint {path}")
+            self._log(f"the last good state: checkpoint {path or 'none (checkpoint.save is false)'}")
             exit_code = EXIT_NONFINITE
         finally:
             prof.close()
@@ -250,13 +286,19 @@ class Trainer:
 
     def _agree(self, step_loss: torch.Tensor) -> dict[str, Any]:
         """One all-reduce so all ranks agree on: any non-finite loss, the mean loss, preemption."""
-        t = torch.tensor([step_loss[0], step_loss[1], step_loss[2], float(self.preemption.requested)],
+        t = torch.tensor([step_loss[0], step_loss[1], step_loss[2], float(self.stop.requested)],
                          dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         good_micro = t[1] - t[2]
         return {"bad": bool(t[2] > 0), "bad_ranks": float(t[2]),
                 "loss": float(t[0] / good_micro) if good_micro > 0 else float("nan"),
                 "preempt": bool(t[3] > 0)}
+
+    def _agree_flag(self, flag: bool) -> bool:
+        """Collective: whether any rank has `flag` set."""
+        t = torch.tensor([float(flag)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
 
     def _report_spike(self, message: str, sources: list[str]) -> None:
         gathered: list[Any] = [None] * self.world

@@ -133,3 +133,82 @@ def make_cfg(source: str = "shards", image: Optional[list[str]] = None,
 def batch_record(batch) -> list:
     """What identifies a batch's content: sources and the random masks drawn for them."""
     return [batch.sources, batch.image_mask.int().tolist(), batch.text_ids.tolist()]
+
+
+# -- poison data and measured children (tests/faults/test_data_*.py) --------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_members(path: str, members: list[tuple[str, bytes]]) -> str:
+    """A tar of exactly these (name, bytes) members, in order, GNU format."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_sparse(path: str, name: str, claimed: int) -> None:
+    """Turn member `name` (written with 512 bytes of data) into an old-GNU sparse member whose
+    512 stored bytes sit at the end of `claimed` bytes of holes, by rewriting its header: what
+    a crafted download can hold (tarfile reads it back as `claimed` bytes)."""
+    with tarfile.open(path) as t:
+        info = t.getmember(name)
+    assert info.size == 512, "write the member with 512 bytes of data"
+    with open(path, "r+b") as f:
+        f.seek(info.offset)
+        hdr = bytearray(f.read(512))
+        hdr[156:157] = tarfile.GNUTYPE_SPARSE
+        hdr[386:398] = b"%011o\0" % (claimed - 512)   # first sparse entry: offset
+        hdr[398:410] = b"%011o\0" % 512               # ... and its stored bytes
+        hdr[482] = 0                                   # no extension blocks
+        hdr[483:495] = b"%011o\0" % claimed           # the size it expands to
+        hdr[148:156] = b" " * 8
+        hdr[148:156] = b"%06o\0 " % sum(hdr)
+        f.seek(info.offset)
+        f.write(hdr)
+
+
+def cap_address_space(headroom_mb: int) -> None:
+    """In a child: allow this much more address space than mapped now, so that a runaway
+    allocation fails (MemoryError) instead of taking the machine's memory."""
+    import resource
+    with open("/proc/self/status") as f:
+        vm_kb = next(int(line.split()[1]) for line in f if line.startswith("VmSize"))
+    limit = (vm_kb * 1024) + headroom_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+
+
+_MEASURE = r'''
+import json, resource, subprocess, sys, time
+code, timeout = sys.argv[1], float(sys.argv[2])
+t0 = time.monotonic()
+try:
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=timeout)
+    rc, out, err = p.returncode, p.stdout, p.stderr
+except subprocess.TimeoutExpired as e:
+    rc, out, err = "timeout", e.stdout or b"", e.stderr or b""
+print(json.dumps({"rc": rc, "seconds": time.monotonic() - t0,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                  "out": out.decode("utf-8", "replace"),
+                  "err": err.decode("utf-8", "replace")[-4000:]}))
+'''
+
+
+def run_measured(code: str, timeout: float = 120) -> dict:
+    """Run `code` in a fresh Python (repository on its path) and return its exit status `rc`
+    ("timeout" when killed after `timeout` s), wall `seconds`, peak resident memory `peak_mb`
+    (its own: measured from a parent that runs nothing else), and `result`: the JSON it printed
+    on a line starting with RESULT (None if none)."""
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-c", _MEASURE, code, str(timeout)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout + 60)
+    m = json.loads(p.stdout.strip().splitlines()[-1])
+    lines = [x for x in m["out"].splitlines() if x.startswith("RESULT ")]
+    m["result"] = json.loads(lines[-1][len("RESULT "):]) if lines else None
+    return m

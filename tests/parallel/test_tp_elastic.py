@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_style.config import PretrainConfig, dump_yaml, model_config
-from megatron_style.parallel.consolidate import export_fp32, fp32_parameters, write_streaming
+from megatron_style.checkpoint.fp32 import export_fp32, fp32_parameters, write_streaming
 from tp_launch import run_workers
 
 pytestmark = pytest.mark.multiproc
@@ -81,7 +81,7 @@ def _save_worker(rank, world, root):
 def _load_worker(rank, world, root):
     import deepspeed
 
-    from megatron_style.parallel.elastic import load_resharded, needs_resharding
+    from megatron_style.checkpoint.universal import load_resharded, needs_resharding
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     out = {}
     for stage in STAGES:

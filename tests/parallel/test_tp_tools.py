@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from megatron_style.config import model_config
 from megatron_style.model import MaskedDataModel
+from megatron_style.checkpoint import convert_tp
 from megatron_style.parallel import convert, memory_plan
 from megatron_style.parallel.random import RNGTracker, checkpoint_fn, derive_seed
 
@@ -138,19 +139,19 @@ def test_convert_command_line(tmp_path, big_vocab, capsys):
         files.append(str(tmp_path / f"rank{r}.pt"))
         torch.save({"module": s}, files[-1])
     out = tmp_path / "single.pt"
-    rc = convert.main(["--preset", "tiny", "--set", "text_vocab_size=64010", "--tensor", "1",
+    rc = convert_tp.main(["--preset", "tiny", "--set", "text_vocab_size=64010", "--tensor", "1",
                        *files, "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     single = torch.load(out, weights_only=True)
     assert all(torch.equal(single[k], sd[k]) for k in sd)
-    rc = convert.main(["--preset", "tiny", "--set", "text_vocab_size=64010", "--tensor", "4",
+    rc = convert_tp.main(["--preset", "tiny", "--set", "text_vocab_size=64010", "--tensor", "4",
                        str(out), "--out", str(tmp_path / "tp4")])
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "tp4").iterdir()) == [f"tp_rank_0{r}.pt" for r in range(4)]
-    rc = convert.main(["--preset", "tiny", "--tensor", "1", *files, "--out", str(out)])
+    rc = convert_tp.main(["--preset", "tiny", "--tensor", "1", *files, "--out", str(out)])
     assert rc == 2 and "wrong model config" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        convert.main(["--help"])
+        convert_tp.main(["--help"])
     assert e.value.code == 0 and "beit3-convert-tp" in capsys.readouterr().out
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_style.parallel.consolidate import merge_checkpoint_tp
+from megatron_style.checkpoint.fp32 import consolidated_state_dict
 from tests.train.launch import TINY, explain, metrics, pretrain, run_dirs
 
 pytestmark = pytest.mark.multiproc
@@ -26,7 +26,7 @@ def tp1(tmp_path_factory):
 
 
 def _final_weights(root):
-    sd, meta = merge_checkpoint_tp(str(root / "run" / "ckpt" / "step_00000003"))
+    sd, meta = consolidated_state_dict(str(root / "run" / "ckpt" / "step_00000003"))
     assert meta["step"] == 3
     return sd
 
@@ -58,7 +58,7 @@ def test_tp2_dp2_matches_tp1_through_the_trainer(tmp_path, tp1, stage):
     assert ex["step"] == 3 and "tensor: 2" in ex["config"]
     assert all(torch.equal(ex["model"][k], b[k]) for k in b)
     # beit3-convert-tp reads the checkpoint directory (config included) and re-splits it
-    from megatron_style.parallel.convert import main as convert_main
+    from megatron_style.checkpoint.convert_tp import main as convert_main
     tp4 = tmp_path / "tp4"
     assert convert_main([str(tmp_path / "run" / "ckpt" / "step_00000003"), "--tensor", "4",
                          "--out", str(tp4)]) == 0

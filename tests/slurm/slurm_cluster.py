@@ -24,12 +24,13 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 TEST_PORTS = {"LOCAL_SLURM_CTLD_PORT": "16817", "LOCAL_SLURM_SLURMD_PORT": "16818"}
 
 
-def trainer_choice() -> tuple[str, str]:
+def trainer_choice(standin: bool = False) -> tuple[str, str]:
     """(TRAINER command, CONFIG file) of the end-to-end runs.
 
     The real trainer on the demo recipe; SLURM_TESTS_TRAINER=standin switches to the stand-in,
-    which follows the same contract in a fraction of the time (for working on the scripts)."""
-    if os.environ.get("SLURM_TESTS_TRAINER", "real") == "standin":
+    which follows the same contract in a fraction of the time (for working on the scripts).
+    `standin=True`: always the stand-in (the fault tests inject its faults)."""
+    if standin or os.environ.get("SLURM_TESTS_TRAINER", "real") == "standin":
         return f"{sys.executable} {STANDIN}", str(STANDIN_CONFIG)
     return f"{sys.executable} -m megatron_style.train.pretrain", str(DEMO_CONFIG)
 
@@ -68,15 +69,20 @@ class LocalSlurm:
         return r
 
     def submit(self, run_dir: Path, overrides: list[str], sbatch_args: list[str] = (),
-               env: dict[str, str] | None = None) -> Job:
-        """`sbatch cluster/pretrain.sh` on 2 CPU tasks from run_dir, as a user would."""
-        trainer, config = trainer_choice()
+               env: dict[str, str] | None = None, standin: bool = False,
+               dirs: bool = True) -> Job:
+        """`sbatch cluster/pretrain.sh` on 2 CPU tasks from run_dir, as a user would.
+
+        `env` goes into the job's environment (sbatch exports it to the script and the tasks,
+        and keeps it for a requeued run)."""
+        trainer, config = trainer_choice(standin)
         run_dir.mkdir(parents=True, exist_ok=True)
         job_env = dict(self.env, TRAINER=trainer, CONFIG=config, **(env or {}))
+        # dirs=False: the test names checkpoint.dir and logging.dir itself.
+        where = [f"checkpoint.dir={run_dir / 'ckpt'}", f"logging.dir={run_dir / 'tb'}"] if dirs else []
         out = self.run("sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2",
                        "--cpus-per-task=1", "--time=10", *sbatch_args, str(PRETRAIN_SH),
-                       f"checkpoint.dir={run_dir / 'ckpt'}", f"logging.dir={run_dir / 'tb'}",
-                       *overrides, env=job_env, cwd=run_dir)
+                       *where, *overrides, env=job_env, cwd=run_dir)
         return Job(out.stdout.strip().split(";")[0], run_dir)
 
     def job_info(self, job: Job) -> dict[str, str]:

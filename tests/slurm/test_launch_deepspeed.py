@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from slurm_cluster import ROOT
+from slurm_cluster import ROOT, STANDIN, STANDIN_CONFIG
 
 LAUNCH = ROOT / "cluster" / "launch_deepspeed.sh"
 
@@ -43,3 +47,111 @@ def test_two_ranks_from_a_hostfile(tmp_path):
     assert steps == [1, 2, 3]
     final = tmp_path / "ckpt" / "step_00000003"
     assert list(final.glob("*zero_pp_rank_1_*")), sorted(os.listdir(final))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Start launch_deepspeed.sh with the stand-in trainer on a localhost hostfile, 2 ranks,
+    in its own session (the test's signals reach only what they are sent to). Whatever of it
+    is left at the end is killed: its process group, and any process naming tmp_path."""
+    if not shutil.which("deepspeed"):
+        pytest.skip("the deepspeed launcher is not installed")
+    started = []
+
+    def start(*args: str, **env_vars: str) -> subprocess.Popen:
+        (tmp_path / "hostfile").write_text("localhost slots=2\n")
+        env = dict(os.environ, HOSTFILE=str(tmp_path / "hostfile"), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()), DEEPSPEED_ARGS="--no_ssh_check",
+                   OMP_NUM_THREADS="1", TRAINER=str(STANDIN), CONFIG=str(STANDIN_CONFIG),
+                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+                   **env_vars)
+        with open(tmp_path / "launch.log", "w") as log:
+            proc = subprocess.Popen([str(LAUNCH), *args], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    for pid in processes_with(str(tmp_path)):
+        os.kill(pid, signal.SIGKILL)
+
+
+def processes_with(text: str) -> list[int]:
+    """pids of the processes whose command line contains `text` (the test's own tmp path)."""
+    r = subprocess.run(["pgrep", "-f", text], capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split()]
+
+
+def stop_and_check(tmp_path, proc: subprocess.Popen, t_signal: float) -> str:
+    """Wait for the launch to end after the SIGTERM; no process of it may be left."""
+    try:
+        rc = proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        rc = None
+    out = (tmp_path / "launch.log").read_text()
+    # Nothing of the launch is left: no trainer trains on, orphaned, without the launcher.
+    deadline = time.monotonic() + 20
+    while processes_with(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = processes_with(str(tmp_path))
+    assert not left, f"processes left running: {left} (script exit {rc})\n{out[-3000:]}"
+    print(f"stopped {time.monotonic() - t_signal:.1f} s after SIGTERM")
+    assert rc == 75, f"exit {rc}\n{out[-3000:]}"
+    return out
+
+
+@pytest.mark.multiproc
+def test_sigterm_reaches_every_rank(launch, tmp_path):
+    # What a user or a scheduler does: SIGTERM to the process they started. Both ranks must get
+    # it, save one checkpoint and exit 75, and the script must exit 75 after them.
+    ckpt = tmp_path / "with space" / "ckpt"
+    (tmp_path / "overrides.txt").write_text(f"# spaces kept\nrun_name=my run\ncheckpoint.dir={ckpt}\n")
+    proc = launch("steps=1000", f"logging.dir={tmp_path / 'tb'}",
+                  OVERRIDES_FILE=str(tmp_path / "overrides.txt"))
+    metrics = tmp_path / "tb" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            (tmp_path / "launch.log").read_text()[-3000:]
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out = stop_and_check(tmp_path, proc, t0)
+    for rank in (0, 1):
+        assert re.search(rf"^rank {rank}: SIGTERM -> checkpoint at step \d+, exit 75$", out, re.M), out
+    argv = json.loads(re.search(r"^argv: (.*)$", out, re.M).group(1))
+    # --local_rank, --config FILE, the file's lines as they are, then the arguments.
+    assert argv[3:] == ["run_name=my run", f"checkpoint.dir={ckpt}", "steps=1000",
+                        f"logging.dir={tmp_path / 'tb'}"], argv
+    assert list(ckpt.glob("step_*/complete")), "no checkpoint written"
+
+
+@pytest.mark.multiproc
+def test_sigterm_during_start_up_is_kept(launch, tmp_path):
+    # SIGTERM while the launcher is still starting the ranks: kept, and delivered once the
+    # ranks handle it; they stop before their first step with a checkpoint.
+    proc = launch("steps=1000", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                  f"logging.dir={tmp_path / 'tb'}", STANDIN_START_SECONDS="2")
+    log = tmp_path / "launch.log"
+    deadline = time.monotonic() + 60
+    while "deepspeed launcher: hosts from" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out = stop_and_check(tmp_path, proc, t0)
+    for rank in (0, 1):
+        assert re.search(rf"^rank {rank}: SIGTERM -> checkpoint at step 0, exit 75$", out, re.M), out
+    assert (tmp_path / "ckpt" / "step_00000000" / "complete").exists()

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_style.data.visual_tokenizers.base import VisualTokenizer
+from megatron_style.files import load_untrusted
 
 FORMAT = "megatron_style.kmeans_tokenizer/1"
 _CHUNK = 1 << 16   # rows per distance block: bounds memory at K = 8192
@@ -151,7 +152,7 @@ class KMeansTokenizer(VisualTokenizer):
         path = os.path.expanduser(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"k-means tokenizer {path!r} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_untrusted(path, "k-means tokenizer file")
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"{path!r} is not a k-means tokenizer file (expected format "
                              f"{FORMAT!r}; write one with KMeansTokenizer.save or "

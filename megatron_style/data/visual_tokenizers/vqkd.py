@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import re
-import warnings
 from typing import Optional
 
 import torch
@@ -34,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_style.data.visual_tokenizers.base import VisualTokenizer
+from megatron_style.files import load_untrusted
 
 VQKD_PATCH_SIZE = 16
 LN_EPS = 1e-6
@@ -174,13 +173,9 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VQ-KD checkpoint {path!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Training checkpoints of BEiT v2's code also pickle their argparse arguments.
-        warnings.warn(f"{path}: not loadable with weights_only=True; loading the full pickle "
-                      "(only do this for files you trust)")
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    # Weights-only, never a full pickle: the file is downloaded. BEiT v2's training
+    # checkpoints also hold their argparse arguments, which megatron_style/files.py allows.
+    obj = load_untrusted(path, "VQ-KD checkpoint")
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

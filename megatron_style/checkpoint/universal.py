@@ -24,30 +24,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
-import json
 import os
 import re
 import shutil
 from typing import Any, Optional
 
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from megatron_style.files import write_json
+from megatron_style.checkpoint.fp32 import client_state, optimizer_shards
+
 UNIVERSAL_SUBDIR = "universal"
 _DONE = "UNIVERSAL_COMPLETE"
-_OPTIM_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
 def saved_layout(tag_dir: str) -> Optional[tuple[int, int]]:
     """(data-parallel size, tensor-parallel size) of a ZeRO checkpoint; None without ZeRO
     optimizer shards (ZeRO-0 keeps the whole optimizer in the model-states file)."""
-    ranks = [m.groups() for f in glob.glob(os.path.join(tag_dir, "*_optim_states.pt"))
-             if (m := _OPTIM_RE.search(os.path.basename(f)))]
-    if not ranks:
+    shards = optimizer_shards(tag_dir)
+    if not shards:
         return None
-    return len({d for d, _ in ranks}), len({t for _, t in ranks})
+    return len({d for by_dp in shards.values() for d in by_dp}), len(shards)
 
 
 def needs_resharding(engine, load_dir: str, tag: str) -> bool:
@@ -79,8 +77,7 @@ def convert_to_universal(load_dir: str, tag: str) -> str:
     with open(os.path.join(out, "conversion.log"), "w") as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         ds_to_universal.main(args)
-    with open(os.path.join(out, _DONE), "w") as f:
-        json.dump({"source": os.path.join(load_dir, tag)}, f)
+    write_json(os.path.join(out, _DONE), {"source": os.path.join(load_dir, tag)})
     return out
 
 
@@ -129,13 +126,11 @@ def load_resharded(engine, load_dir: str, tag: str) -> dict[str, Any]:
 
 
 def _require_tp_info(tag_dir: str) -> None:
-    files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
-    sd = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
-    if not sd.get("universal_checkpoint_info"):
+    if not client_state(tag_dir).get("universal_checkpoint_info"):
         raise RuntimeError(f"{tag_dir} was written with tensor parallelism but without "
                            "universal_checkpoint_info, so its slices cannot be merged; attach "
-                           "megatron_style.parallel.elastic.universal_checkpoint_info(model) as "
-                           "model.universal_checkpoint_info before deepspeed.initialize")
+                           "megatron_style.checkpoint.universal.universal_checkpoint_info(model) "
+                           "as model.universal_checkpoint_info before deepspeed.initialize")
 
 
 def universal_checkpoint_info(model: nn.Module) -> dict[str, Any]:

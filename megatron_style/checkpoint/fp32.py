@@ -1,4 +1,4 @@
-"""One consolidated fp32 model file from a DeepSpeed checkpoint (any ZeRO stage, any tensor-
+"""The fp32 weights of a DeepSpeed checkpoint (any ZeRO stage, any tensor-
 parallel degree), written one tensor at a time.
 
 Reading: the ZeRO files are opened memory-mapped (nothing is read until used). A parameter's
@@ -14,6 +14,10 @@ left blank, from shape-only tensors), then memory-mapped with MAP_SHARED and fil
 tensor. The result is an ordinary file for torch.load.
 
     export_fp32(tag_dir, "model_fp32.pt", extra={"step": 1000, "config": yaml_text})
+    sd, meta = consolidated_state_dict("runs/demo/checkpoints")   # in memory, for loading
+
+This is the one place that gathers fp32 weights from DeepSpeed's files: export, TP
+conversion and `checkpoint.init_from` of a checkpoint directory all read through it.
 """
 from __future__ import annotations
 
@@ -27,16 +31,28 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from megatron_style.checkpoint.directory import resolve
+from megatron_style.files import fsync_dir, load_untrusted
 from megatron_style.config import ModelConfig
+from megatron_style.parallel.convert import split_plan
 
+# DeepSpeed's names for the optimizer shard of (data-parallel rank, tensor-parallel rank).
 _OPTIM_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-_MODEL3_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-_MODEL12_RE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
+
+
+def _deepspeed_globals() -> list[Any]:
+    """The few classes DeepSpeed pickles into its files besides tensors and plain data."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def _load(path: str) -> dict:
-    # DeepSpeed's files hold non-tensor objects (configs, versions): trusted input.
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    """A DeepSpeed checkpoint file, memory-mapped, weights-only: exporting or converting a
+    checkpoint directory that came from elsewhere runs none of its code."""
+    with torch.serialization.safe_globals(_deepspeed_globals()):
+        return load_untrusted(path, "DeepSpeed checkpoint file", mmap=True)
 
 
 @dataclass
@@ -120,12 +136,19 @@ def _shape(param_shapes, name) -> torch.Size:
     raise KeyError(name)
 
 
-def _ranks(tag_dir: str) -> list[_TensorRank]:
+def optimizer_shards(tag_dir: str) -> dict[int, dict[int, str]]:
+    """DeepSpeed's ZeRO optimizer files: tensor-parallel rank -> data-parallel rank -> path
+    (empty without ZeRO, which keeps the optimizer in the model-states file)."""
     optim: dict[int, dict[int, str]] = {}
     for f in glob.glob(os.path.join(tag_dir, "*_optim_states.pt")):
         m = _OPTIM_RE.search(os.path.basename(f))
         if m:
             optim.setdefault(int(m.group(2)), {})[int(m.group(1))] = f
+    return optim
+
+
+def _ranks(tag_dir: str) -> list[_TensorRank]:
+    optim = optimizer_shards(tag_dir)
     if not optim:
         files = sorted(f for f in glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")))
         if not files:
@@ -158,7 +181,6 @@ def fp32_parameters(tag_dir: str, cfg: Optional[ModelConfig] = None
     if cfg is None:
         raise ValueError(f"{tag_dir} holds {len(ranks)} tensor-parallel ranks: the model config is "
                          "needed to merge them")
-    from megatron_style.parallel.convert import split_plan
     plan = split_plan(cfg, len(ranks))
     shapes = {k: torch.Size(plan[k].full_shape) for k in ranks[0].shapes}
 
@@ -173,18 +195,31 @@ def fp32_parameters(tag_dir: str, cfg: Optional[ModelConfig] = None
     return shapes, merged()
 
 
-def checkpoint_config(tag_dir: str) -> Optional[ModelConfig]:
-    """The model config the trainer stored in the checkpoint's client state, if any."""
+def client_state(tag_dir: str) -> dict[str, Any]:
+    """What the trainer stored with DeepSpeed's model states (step, config YAML, run id...)."""
     files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
     if not files:
-        return None
-    text = _load(files[0]).get("config")
+        raise ValueError(f"{tag_dir}: no DeepSpeed model states file in this directory")
+    return _load(files[0])
+
+
+def checkpoint_pretrain_config(tag_dir: str):
+    """The recipe (PretrainConfig) the checkpoint was trained with, or None if not recorded."""
+    text = client_state(tag_dir).get("config")
     if not text:
         return None
     import yaml
 
     from megatron_style.config import PretrainConfig, from_dict
-    return from_dict(PretrainConfig, yaml.safe_load(text)).model
+    return from_dict(PretrainConfig, yaml.safe_load(text))
+
+
+def checkpoint_config(tag_dir: str) -> Optional[ModelConfig]:
+    """The model config the trainer stored in the checkpoint's client state, if any."""
+    if not glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")):
+        return None
+    cfg = checkpoint_pretrain_config(tag_dir)  # a refused (crafted) file raises
+    return cfg.model if cfg is not None else None
 
 
 def write_streaming(path: str, shapes: dict[str, torch.Size],
@@ -216,6 +251,7 @@ def write_streaming(path: str, shapes: dict[str, torch.Size],
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def export_fp32(tag_dir: str, out: str, extra: Optional[dict[str, Any]] = None,
@@ -228,15 +264,15 @@ def export_fp32(tag_dir: str, out: str, extra: Optional[dict[str, Any]] = None,
 
 def checkpoint_meta(tag_dir: str) -> dict[str, Any]:
     """The trainer's step and config from the checkpoint's client state."""
-    files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
-    if not files:
-        raise ValueError(f"{tag_dir}: no DeepSpeed model states file in this directory")
-    client = _load(files[0])
+    client = client_state(tag_dir)
     return {k: client[k] for k in ("step", "config") if k in client}
 
 
-def merge_checkpoint_tp(tag_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The whole fp32 state dict in memory, and the client state's step and config
-    (for callers that load a model from a checkpoint directory)."""
+def consolidated_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The whole fp32 state dict in memory (merged over tensor-parallel ranks, any ZeRO stage)
+    and the client state's step and config, for `path`: a run's checkpoint.dir (its newest
+    complete checkpoint) or one step_XXXXXXXX directory."""
+    load_dir, tag = resolve(path)
+    tag_dir = os.path.join(load_dir, tag)
     _, tensors = fp32_parameters(tag_dir, checkpoint_config(tag_dir))
-    return dict(tensors), checkpoint_meta(tag_dir)
+    return {k: v.float().contiguous() for k, v in tensors}, checkpoint_meta(tag_dir)

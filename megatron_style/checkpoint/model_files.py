@@ -1,0 +1,38 @@
+"""Initialising a model from a file that may come from anywhere (`checkpoint.init_from`): our
+export, a released BEiT-3 file, or a trainer checkpoint directory. Files are read weights-only
+(megatron_style/files.py): a crafted file is refused, its code never runs."""
+from __future__ import annotations
+
+import os
+
+import torch.nn as nn
+
+from megatron_style.files import load_untrusted
+
+
+def read_model_file(path: str) -> dict:
+    """The state dict in `path` (a file holding one, or one under "model" / "module"), or of
+    the newest complete checkpoint when `path` is a checkpoint directory."""
+    if os.path.isdir(path):
+        from megatron_style.checkpoint.fp32 import consolidated_state_dict
+        return consolidated_state_dict(path)[0]
+    raw = load_untrusted(path, "model file")
+    sd = raw.get("model", raw.get("module", raw)) if isinstance(raw, dict) else raw
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict (or one under 'model' / 'module'), "
+                         f"got {type(sd).__name__}")
+    return sd
+
+
+def load_model_file(model: nn.Module, path: str) -> None:
+    """Initialise `model` from our export, a released BEiT-3 file, or a training checkpoint."""
+    sd = read_model_file(path)
+    if any(k.startswith(("beit3.encoder.", "encoder.layers.")) for k in sd):
+        from megatron_style.model.released_checkpoint import load_released_state_dict
+        load_released_state_dict(model, sd)
+        return
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit the model: missing {missing[:10]}"
+                         f"{'...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+                         f"{'...' if len(unexpected) > 10 else ''}")
