@@ -48,7 +48,9 @@ def bench_cfg(args: argparse.Namespace, shards: Optional[dict[str, str]] = None)
     over = [f"model.preset={args.model}", f"data.micro_batch_size={args.micro_batch_size}",
             f"data.num_workers={args.workers}", "data.shuffle_buffer=64"]
     if shards:
-        over.append("data.source=shards")
+        # The loader alone: no visual tokenizer runs here (k-means and pixel targets both
+        # need no tokenizer view), so the run needs no trained k-means file.
+        over += ["data.source=shards", "data.tokenizer.visual=pixels", "model.visual_target=pixels"]
         over += [f"data.{s}.shards={p}" for s, p in shards.items()]
     return load_config(None, over)
 

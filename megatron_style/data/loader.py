@@ -332,12 +332,6 @@ def build_train_loader(cfg: PretrainConfig, dp_rank: int, dp_world: int, process
         raise ValueError(f"dp_rank must be in [0, dp_world={dp_world}), got {dp_rank}")
     data = cfg.data
     counts = data.stream_counts()
-    starved = [s for s in STREAMS if data.stream_weights()[s] > 0 and counts[s] == 0]
-    if starved:
-        raise ConfigError(
-            f"data.micro_batch_size: {data.micro_batch_size} samples split by the stream weights "
-            f"{data.stream_weights()} give stream {starved[0]!r} no sample in any micro-batch "
-            f"(split {counts}); raise micro_batch_size or set data.{starved[0]}.weight: 0")
     if data.source == "shards":
         urls = check_data_paths(cfg)
         for s, u in urls.items():

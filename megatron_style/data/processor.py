@@ -26,17 +26,13 @@ from megatron_style.data.masking import ImageMasker, text_mask
 from megatron_style.data.raw import RawSample
 from megatron_style.data.text_tokenizer import TextTokenizer, check_vocab
 from megatron_style.data.transforms import augment
-from megatron_style.data.visual_tokenizers import check_visual_target, tokenizer_input_size
+from megatron_style.data.visual_tokenizers import tokenizer_input_size
 from megatron_style.model.batch import Sample
 
 
 class SampleProcessor:
     def __init__(self, cfg: PretrainConfig, text_tokenizer: TextTokenizer):
         check_vocab(text_tokenizer, cfg.model.text_vocab_size)
-        check_visual_target(cfg)
-        if cfg.model.max_text_len < 3:
-            raise ValueError(f"model.max_text_len={cfg.model.max_text_len}: texts need room for "
-                             "<s>, one token and </s>")
         self.cfg = cfg
         self.tok = text_tokenizer
         mk = cfg.data.masking

@@ -131,25 +131,22 @@ class ParallelState(_DeepSpeedMPU):
                 f"{self.data_size} {list(self.data_ranks)}")
 
 
-def build_parallel_state(tensor_size: int, sequence_parallel: bool = False) -> ParallelState:
+def build_parallel_state(tensor_size: int) -> ParallelState:
     """Create the process groups. Every rank must call this, in the same order relative to
-    other group creations (torch.distributed requires all ranks to create every group)."""
+    other group creations (torch.distributed requires all ranks to create every group).
+
+    No sequence parallelism, by choice. It would split the replicated LayerNorm / residual
+    regions over the tensor ranks. Here those regions work on the packed stream sorted by
+    expert (per-modality norms, routed FFN), so it would need per-rank routes, padding of the
+    stream to a multiple of T and a reorder around every all-gather / reduce-scatter, in model
+    code. What it saves is small next to what activation checkpointing saves: giant, TP=2,
+    16 images + 16 texts + 16 pairs per micro-batch, 14.2 GiB of activations -> 1.6 GiB with
+    checkpointing; sequence parallelism would take off 2.2 GiB, or 0.6 GiB on top of
+    checkpointing. `beit3-memory-plan` prints that amount for any setting, so the choice can be
+    revisited with numbers."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("build_parallel_state needs torch.distributed to be initialised "
                            "first (deepspeed.init_distributed() or dist.init_process_group())")
-    if sequence_parallel:
-        # Not built, by choice. Sequence parallelism would split the replicated LayerNorm /
-        # residual regions over the tensor ranks. Here those regions work on the packed stream
-        # sorted by expert (per-modality norms, routed FFN), so it would need per-rank routes,
-        # padding of the stream to a multiple of T and a reorder around every all-gather /
-        # reduce-scatter, in model code. What it saves is small next to what activation
-        # checkpointing saves: giant, TP=2, 16 images + 16 texts + 16 pairs per micro-batch,
-        # 14.2 GiB of activations -> 1.6 GiB with checkpointing; sequence parallelism would
-        # take off 2.2 GiB, or 0.6 GiB on top of checkpointing. `beit3-memory-plan` prints
-        # that amount for any setting, so the choice can be revisited with numbers.
-        raise ValueError("parallel.sequence_parallel = true is not supported: the packed, "
-                         "expert-routed token stream is kept whole on every tensor rank; use "
-                         "parallel.activation_checkpointing to cut activation memory instead")
     world, rank = dist.get_world_size(), dist.get_rank()
     tensor_lists, data_lists = group_ranks(world, tensor_size)
     _warn_if_tp_crosses_nodes(tensor_size)

@@ -42,23 +42,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_paths(cfg: PretrainConfig) -> None:
-    """Files the run needs must exist, and its checkpoint.dir must not belong to another run,
-    before we start processes that would wait on them."""
-    from megatron_style.checkpoint.directory import check_one_run
-    ck = cfg.checkpoint
-    if ck.init_from and not os.path.exists(ck.init_from):
-        raise ConfigError(f"checkpoint.init_from: {ck.init_from!r} does not exist")
-    try:
-        check_one_run(ck.resume, ck.dir, ck.init_from)
-    except ValueError as e:
-        raise ConfigError(f"checkpoint.dir: {e}") from None
-    if cfg.data.source == "synthetic":
-        return  # random token ids and targets: no data and no tokenizer files are read
-    from megatron_style.data.loader import check_data_paths
-    check_data_paths(cfg)  # shards and tokenizer files
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     stop = StopRequest().install()  # first: a signal during start-up is kept, not fatal
     args = parse_args(argv)
@@ -67,7 +50,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     try:
         cfg = load_config(args.config, overrides)
-        check_paths(cfg)
+        # Imported after the signal handlers: torch and webdataset take a second to import,
+        # and a stop signal in that second must be kept, not fatal.
+        from megatron_style.train.preflight import preflight
+        preflight(cfg)
     except ConfigError as e:
         print(f"ConfigError: {e}", file=sys.stderr, flush=True)
         return exit_codes.BAD_CONFIG

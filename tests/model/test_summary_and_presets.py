@@ -36,7 +36,7 @@ def test_summary_command(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--preset", "tiny", "layers=0"], "model.layers: must be a positive integer"),
+    (["--preset", "tiny", "layers=0"], "model.layers: must be >= 1"),
     (["--preset", "tiny", "colour=3"], "colour: unknown key"),
     (["--preset", "tiny", "--text-len", "100"], "text_len 100 must be in"),
 ])

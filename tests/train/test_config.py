@@ -82,9 +82,9 @@ def test_cli_rejects_missing_data_path_before_starting(tmp_path):
 def test_synthetic_source_needs_no_data_or_tokenizer_files():
     """The documented giant measurement (giant.yaml + data.source=synthetic) must start on a
     machine without the recipe's data and tokenizer files; with real data they are checked."""
-    from megatron_style.train.pretrain import check_paths
-    check_paths(load_config("configs/pretrain/giant.yaml", ["data.source=synthetic"]))
+    from megatron_style.train.preflight import preflight
+    preflight(load_config("configs/pretrain/giant.yaml", ["data.source=synthetic"]))
     with pytest.raises(ConfigError, match="data.image.shards"):
-        check_paths(load_config("configs/pretrain/giant.yaml"))
+        preflight(load_config("configs/pretrain/giant.yaml"))
     with pytest.raises(ConfigError, match="data.tokenizer.text_model: '/models/beit3.spm' does not exist"):
-        check_paths(load_config("configs/pretrain/demo.yaml", ["data.tokenizer.text_model=/models/beit3.spm"]))
+        preflight(load_config("configs/pretrain/demo.yaml", ["data.tokenizer.text_model=/models/beit3.spm"]))

@@ -22,19 +22,8 @@ if TYPE_CHECKING:
     from megatron_style.config import PretrainConfig
 
 __all__ = ["VisualTokenizer", "KMeansTokenizer", "PixelTargets", "VQKDTokenizer",
-           "build_visual_tokenizer", "tokenizer_input_size", "check_visual_target", "load_vqkd",
+           "build_visual_tokenizer", "tokenizer_input_size", "load_vqkd",
            "train_kmeans_tokenizer", "patchify"]
-
-
-def check_visual_target(cfg: "PretrainConfig") -> None:
-    """Pixel regression and the pixel 'tokenizer' go together, and only together."""
-    pixels_model = cfg.model.visual_target == "pixels"
-    pixels_data = cfg.data.tokenizer.visual == "pixels"
-    if pixels_model != pixels_data:
-        raise ConfigError(
-            f"data.tokenizer.visual: {cfg.data.tokenizer.visual!r} does not match "
-            f"model.visual_target {cfg.model.visual_target!r}; use visual: pixels with "
-            "visual_target: pixels, and kmeans or vqkd with visual_target: tokens")
 
 
 def tokenizer_input_size(cfg: "PretrainConfig") -> Optional[int]:
@@ -48,14 +37,10 @@ def tokenizer_input_size(cfg: "PretrainConfig") -> Optional[int]:
 
 def build_visual_tokenizer(cfg: "PretrainConfig") -> VisualTokenizer:
     """The run's visual tokenizer, frozen, on the CPU (the trainer moves it to its device)."""
-    check_visual_target(cfg)
-    tc, m = cfg.data.tokenizer, cfg.model
+    tc, m = cfg.data.tokenizer, cfg.model  # their agreement: config/checks.py
     if tc.visual == "pixels":
         return PixelTargets(m.patch_size, m.img_size).freeze()
     if tc.visual == "vqkd":
-        if not tc.visual_model:
-            raise ConfigError("data.tokenizer.visual_model: visual: vqkd needs the path of a "
-                              "VQ-KD checkpoint (BEiT v2's vqkd_encoder_base_decoder_*.pth)")
         tok = load_vqkd(tc.visual_model, grid=m.grid, model_img_size=m.img_size)
         if tok.patch_size != VQKD_PATCH_SIZE:
             raise ConfigError(f"data.tokenizer.visual_model: VQ-KD patch size {tok.patch_size}, "
@@ -70,10 +55,9 @@ def build_visual_tokenizer(cfg: "PretrainConfig") -> VisualTokenizer:
     elif cfg.data.source != "shards":
         from megatron_style.data.demo.cache import demo_kmeans_tokenizer
         tok = demo_kmeans_tokenizer(cfg)
-    else:
+    else:  # train/preflight.py says so before start-up; this is for callers without it
         raise ConfigError("data.tokenizer.visual_model: visual: kmeans with data.source shards "
-                          "needs a trained k-means tokenizer (beit3-train-tokenizer kmeans), or "
-                          "use visual: vqkd with BEiT v2's checkpoint")
+                          "needs a trained k-means tokenizer (beit3-train-tokenizer kmeans)")
     if tok.vocab_size > m.visual_vocab_size:
         raise ConfigError(f"model.visual_vocab_size: the visual tokenizer has {tok.vocab_size} "
                           f"codes, more than model.visual_vocab_size={m.visual_vocab_size}; "

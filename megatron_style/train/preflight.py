@@ -1,0 +1,28 @@
+"""What the entry point checks after the config and before any process group starts: the
+files a run names exist and fit, and its checkpoint.dir belongs to it. A failure here is a
+ConfigError (exit 2) on every rank, before one of them waits on another."""
+from __future__ import annotations
+
+import os
+
+from megatron_style.checkpoint.directory import check_one_run
+from megatron_style.config import ConfigError, PretrainConfig
+from megatron_style.data.shards import check_data_paths
+
+
+def preflight(cfg: PretrainConfig) -> None:
+    ck = cfg.checkpoint
+    if ck.init_from and not os.path.exists(ck.init_from):
+        raise ConfigError(f"checkpoint.init_from: {ck.init_from!r} does not exist")
+    try:
+        check_one_run(ck.resume, ck.dir, ck.init_from)
+    except ValueError as e:
+        raise ConfigError(f"checkpoint.dir: {e}") from None
+    if cfg.data.source == "synthetic":
+        return  # random token ids and targets: no data and no tokenizer files are read
+    check_data_paths(cfg)  # shards and tokenizer files
+    tok = cfg.data.tokenizer
+    if tok.visual == "kmeans" and cfg.data.source == "shards" and not tok.visual_model:
+        raise ConfigError("data.tokenizer.visual_model: visual: kmeans with data.source shards "
+                          "needs a trained k-means tokenizer (beit3-train-tokenizer kmeans), or "
+                          "use visual: vqkd with BEiT v2's checkpoint")
