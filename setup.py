@@ -44,7 +44,7 @@ setup(
             "beit3-make-shards=megatron_style.data.make_shards:main",
             "beit3-train-tokenizer=megatron_style.data.train_tokenizer:main",
             "beit3-convert-tp=megatron_style.checkpoint.convert_tp:main",
-            "beit3-memory-plan=megatron_style.parallel.memory_plan:main",
+            "beit3-memory-plan=megatron_style.model.memory_plan:main",
         ]
     },
 )

@@ -1,5 +1,5 @@
 """`beit3-convert-tp`: change the tensor-parallel degree of model files or of a trainer
-checkpoint (the merging and splitting itself is megatron_style/parallel/convert.py).
+checkpoint (the merging and splitting itself is megatron_style/checkpoint/tp_split.py).
 
 Inputs are per-rank state dict files (a plain state dict, or one under "module" / "model"),
 read weights-only (they may come from anywhere), or one trainer checkpoint directory at any
@@ -21,7 +21,7 @@ import torch
 
 from megatron_style.files import UnsafeFileError, load_untrusted, save_torch
 from megatron_style.config import ConfigError, ModelConfig, load_config, model_config, parse_override
-from megatron_style.parallel.convert import merge_tp, split_tp
+from megatron_style.checkpoint.tp_split import merge_tp, split_tp
 
 StateDict = dict[str, Any]
 

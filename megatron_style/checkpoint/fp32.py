@@ -34,7 +34,7 @@ import torch
 from megatron_style.checkpoint.directory import resolve
 from megatron_style.files import fsync_dir, load_untrusted
 from megatron_style.config import ModelConfig
-from megatron_style.parallel.convert import split_plan
+from megatron_style.checkpoint.tp_split import split_plan
 
 # DeepSpeed's names for the optimizer shard of (data-parallel rank, tensor-parallel rank).
 _OPTIM_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")

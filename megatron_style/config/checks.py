@@ -91,18 +91,21 @@ def check_parallel(p: "ParallelConfig", key: str = "parallel") -> None:
               f"is {p.precision!r} but the DeepSpeed config has {prec}.enabled={on}")
 
 
+def check_tensor_parallel(m: "ModelConfig", tensor: int, key: str = "parallel.tensor") -> None:
+    """The tensor-parallel degree must split the heads and the FFN width evenly."""
+    check(tensor >= 1, key, f"tensor-parallel size {tensor}: must be >= 1")
+    for name in ("heads", "ffn_dim"):
+        check(getattr(m, name) % tensor == 0, key, f"tensor-parallel size {tensor} does not "
+              f"divide model.{name} = {getattr(m, name)}")
+
+
 def check_run(cfg: "PretrainConfig") -> None:
     """Every rule of every section, then the rules between sections."""
     check_model(cfg.model)
     check_data(cfg.data)
     check_optim(cfg.optim)
     check_parallel(cfg.parallel)
-    t = cfg.parallel.tensor
-    if t > 1:
-        check(cfg.model.heads % t == 0, "parallel.tensor",
-              f"model.heads {cfg.model.heads} must be divisible by tensor {t}")
-        check(cfg.model.ffn_dim % t == 0, "parallel.tensor",
-              f"model.ffn_dim {cfg.model.ffn_dim} must be divisible by tensor {t}")
+    check_tensor_parallel(cfg.model, cfg.parallel.tensor)
     pixels_model = cfg.model.visual_target == "pixels"
     pixels_data = cfg.data.tokenizer.visual == "pixels"
     check(pixels_model == pixels_data, "data.tokenizer.visual",

@@ -48,7 +48,7 @@ from megatron_style.data.reshard import (LAYOUT_KEYS, data_differences, describe
 from megatron_style.data.shards import check_data_paths, shard_list_digest
 from megatron_style.data.streams import DemoStream, ShardStream, check_enough_shards
 from megatron_style.data.tar_samples import ReadLimits
-from megatron_style.model.batch import PackedBatch, Sample, pack_samples
+from megatron_style.batch import PackedBatch, Sample, pack_samples
 
 log = logging.getLogger("megatron_style.data")
 

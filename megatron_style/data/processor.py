@@ -27,7 +27,7 @@ from megatron_style.data.raw import RawSample
 from megatron_style.data.text_tokenizer import TextTokenizer, check_vocab
 from megatron_style.data.transforms import augment
 from megatron_style.data.visual_tokenizers import tokenizer_input_size
-from megatron_style.model.batch import Sample
+from megatron_style.batch import Sample
 
 
 class SampleProcessor:

@@ -8,8 +8,8 @@ from typing import Any, Iterator
 import torch
 
 from megatron_style.config import PretrainConfig
-from megatron_style.model.batch import PackedBatch, pack_samples
-from megatron_style.model.synthetic import random_sample
+from megatron_style.batch import PackedBatch, pack_samples
+from megatron_style.batch.synthetic import random_sample
 
 
 class SyntheticLoader:

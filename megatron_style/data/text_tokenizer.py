@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import sentencepiece as spm
@@ -26,8 +26,6 @@ import sentencepiece as spm
 from megatron_style.config import ConfigError
 from megatron_style.data.errors import BadSample
 
-if TYPE_CHECKING:
-    from megatron_style.config import PretrainConfig
 
 SCHEMES = ("auto", "xlmr", "spm")
 XLMR_BOS, XLMR_PAD, XLMR_EOS, XLMR_UNK = 0, 1, 2, 3
@@ -241,24 +239,3 @@ def check_vocab(tok: TextTokenizer, text_vocab_size: int, what: str = "") -> Non
             f"{tok.vocab_size} ids (with <mask>), more than model.text_vocab_size="
             f"{text_vocab_size}; raise model.text_vocab_size to at least {tok.vocab_size} or use "
             "a smaller tokenizer (data.tokenizer.text_model)")
-
-
-def build_text_tokenizer(cfg: "PretrainConfig") -> TextTokenizer:
-    """The run's text tokenizer: `data.tokenizer.text_model` if given, else (demo data) the
-    demo's small SentencePiece model, trained on first use and cached."""
-    tc = cfg.data.tokenizer
-    if tc.text_model:
-        path = os.path.expanduser(tc.text_model)
-        if not os.path.isfile(path):
-            raise ConfigError(f"data.tokenizer.text_model: {tc.text_model!r} does not exist; give "
-                              "a SentencePiece .model/.spm file or leave it empty for demo data")
-        tok = TextTokenizer(path, scheme=tc.text_id_scheme)
-    elif cfg.data.source != "shards":  # demo (and synthetic, which needs only the sizes)
-        from megatron_style.data.demo.cache import demo_text_tokenizer
-        tok = demo_text_tokenizer(cfg)
-    else:
-        raise ConfigError("data.tokenizer.text_model: required with data.source 'shards'; give a "
-                          "SentencePiece model (e.g. the released beit3.spm) or train one with "
-                          "beit3-train-tokenizer text")
-    check_vocab(tok, cfg.model.text_vocab_size)
-    return tok

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from megatron_style.config import model_config
-from megatron_style.model.batch import Sample, pack_samples
+from megatron_style.batch import Sample, pack_samples
 from megatron_style.model.released_checkpoint import load_released_state_dict
 from megatron_style.model.transformer import MultiwayTransformer
 

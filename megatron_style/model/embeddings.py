@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from megatron_style.config import ModelConfig
-from megatron_style.model.batch import POSITION_OFFSET
+from megatron_style.batch import POSITION_OFFSET
 from megatron_style.parallel.layers import init_trunc_normal_
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from megatron_style.config import ModelConfig
-from megatron_style.model.batch import Route
+from megatron_style.batch import Route
 from megatron_style.model.ways import grouped_linear, grouped_norm, row_parallel_out
 from megatron_style.parallel.layers import (
     ColumnParallelLinear,

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from megatron_style.config import MaskingConfig, ModelConfig
-from megatron_style.model.batch import LANGUAGE, VISION, VL, PackedBatch
+from megatron_style.batch import LANGUAGE, VISION, VL, PackedBatch
 from megatron_style.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 # Classes of token by the experts they meet: an image's tokens, a text's, and the two halves

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from megatron_style.model.batch import Route
+from megatron_style.batch import Route
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kernels import dispatch
 from megatron_style.config import ModelConfig
-from megatron_style.model.batch import LANGUAGE, TARGET_STREAMS, VISION, PackedBatch
+from megatron_style.batch import LANGUAGE, TARGET_STREAMS, VISION, PackedBatch
 from megatron_style.model.transformer import MultiwayTransformer
 from megatron_style.parallel.layers import ColumnParallelLinear
 from megatron_style.parallel.mappings import TPGroup, tp_size
@@ -25,7 +25,7 @@ from megatron_style.parallel.mappings import TPGroup, tp_size
 class MDMOutput(NamedTuple):
     # A NamedTuple rather than a dataclass: DeepSpeed ZeRO-3 hooks the tensors of a module's
     # output to gather parameters again for backward, and sees only inside tuples, lists,
-    # dicts and NamedTuples (megatron_style/parallel/zero3.py).
+    # dicts and NamedTuples (megatron_style/train/zero3.py).
     loss: torch.Tensor   # scalar: mean over every masked target of the batch
     # [len(TARGET_STREAMS), 3] detached: (loss sum, target count, correct count) per stream,
     # for per-stream loss and masked-token accuracy (pixel targets count no "correct").

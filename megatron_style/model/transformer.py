@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from kernels import dispatch
 from megatron_style.config import ModelConfig
-from megatron_style.model.batch import LANGUAGE, POSITION_OFFSET, VISION, VL, PackedBatch, Route
+from megatron_style.batch import (LANGUAGE, POSITION_OFFSET, VISION, VL, PackedBatch, Route,
+                                  validate_packed)
 from megatron_style.model.block import MultiwayBlock
 from megatron_style.model.embeddings import PositionTable, VisionEmbedding
 from megatron_style.model.layout import TokenLayout
@@ -72,7 +73,7 @@ class MultiwayTransformer(nn.Module):
 
     def encode(self, b: PackedBatch, final_norm: bool = True) -> torch.Tensor:
         """Hidden states of every token in the packed stream: [T, D]."""
-        b.validate(self.cfg)
+        validate_packed(b, self.cfg)
         layout = self.layout_packed(b)
         x = self.run_blocks(self.embed_packed(b), layout)
         return ways_norm(x, b.route, self.final_norm) if final_norm else x

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from kernels import dispatch
-from megatron_style.model.batch import Route
+from megatron_style.batch import Route
 from megatron_style.parallel.layers import ShardedLayerNorm, sharded_layer_norm
 from megatron_style.parallel.mappings import reduce_from_tp, tp_size
 

@@ -197,8 +197,8 @@ def build_engine(model: nn.Module, cfg: PretrainConfig, device: torch.device, mp
     if cfg.parallel.zero_stage == 3:
         # The blocks apply their sub-modules' weights themselves (grouped ops): tell ZeRO-3
         # which module needs which parameters, so it gathers them per block for forward and
-        # backward (megatron_style/parallel/zero3.py).
-        from megatron_style.parallel.zero3 import register_zero3_parameters
+        # backward (megatron_style/train/zero3.py).
+        from megatron_style.train.zero3 import register_zero3_parameters
         register_zero3_parameters(model, model.beit3.layers)
     optimizer = build_optimizer(model, cfg, device)
     # DeepSpeed's bf16/fp16 wrappers at ZeRO-0 (FP16_Optimizer, FP16_UnfusedOptimizer) "create

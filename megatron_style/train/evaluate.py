@@ -18,7 +18,7 @@ import torch
 
 from megatron_style.files import write_json
 from megatron_style.config import PretrainConfig
-from megatron_style.model.batch import S_PAIR_TEXT, PackedBatch, Sample, pack_samples
+from megatron_style.batch import S_PAIR_TEXT, PackedBatch, Sample, pack_samples
 
 
 @torch.no_grad()
@@ -84,8 +84,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
 
-    from megatron_style.data.text_tokenizer import build_text_tokenizer
-    from megatron_style.data.visual_tokenizers import build_visual_tokenizer
+    from megatron_style.data.build_tokenizers import build_text_tokenizer
+    from megatron_style.data.build_tokenizers import build_visual_tokenizer
     from megatron_style.model.pretraining import MaskedDataModel
     from megatron_style.checkpoint.directory import resolve
     from megatron_style.checkpoint.fp32 import checkpoint_pretrain_config

@@ -21,7 +21,7 @@ from megatron_style.checkpoint.rank_state import rng_state
 from megatron_style.checkpoint.resume import load_loader_states, resume_engine
 from megatron_style.checkpoint.save import CheckpointWriter, on_rank0
 from megatron_style.config import PretrainConfig, dump_yaml
-from megatron_style.model.batch import TARGET_STREAMS, PackedBatch
+from megatron_style.batch import TARGET_STREAMS, PackedBatch
 from megatron_style.model.pretraining import MaskedDataModel
 from megatron_style.train.engine import (base_optimizer, build_engine, set_learning_rate,
                                          skip_update)
@@ -96,7 +96,7 @@ class Trainer:
     def _build_visual_tokenizer(self):
         if self.cfg.data.source == "synthetic":
             return None  # synthetic batches carry their targets
-        from megatron_style.data.visual_tokenizers import build_visual_tokenizer
+        from megatron_style.data.build_tokenizers import build_visual_tokenizer
         tok = build_visual_tokenizer(self.cfg)
         return tok.to(self.device).eval().requires_grad_(False)
 
@@ -106,7 +106,7 @@ class Trainer:
             return SyntheticLoader(self.cfg, self.dp_rank, self.dp_world)
         from megatron_style.data.loader import build_train_loader
         from megatron_style.data.processor import SampleProcessor
-        from megatron_style.data.text_tokenizer import build_text_tokenizer
+        from megatron_style.data.build_tokenizers import build_text_tokenizer
         self.text_tokenizer = build_text_tokenizer(self.cfg)
         processor = SampleProcessor(self.cfg, self.text_tokenizer)
         return build_train_loader(self.cfg, self.dp_rank, self.dp_world, processor)
@@ -361,7 +361,7 @@ class Trainer:
         n_params = self._global_parameter_count()  # collective: every rank takes part
         if self.rank != 0:
             return
-        from megatron_style.model.batch import KIND_NAMES
+        from megatron_style.batch import KIND_NAMES
         counts = self.cfg.data.stream_counts()
         micro = self.cfg.data.micro_batch_size
         per_step = micro * self.cfg.parallel.grad_accum * self.dp_world

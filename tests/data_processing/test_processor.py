@@ -10,9 +10,9 @@ from megatron_style.data.demo import DemoSource
 from megatron_style.data.errors import BadSample
 from megatron_style.data.processor import SampleProcessor
 from megatron_style.data.raw import RawSample
-from megatron_style.data.text_tokenizer import build_text_tokenizer
-from megatron_style.data.visual_tokenizers import build_visual_tokenizer
-from megatron_style.model.batch import KIND_IMAGE, KIND_PAIR, KIND_TEXT, pack_samples
+from megatron_style.data.build_tokenizers import build_text_tokenizer
+from megatron_style.data.build_tokenizers import build_visual_tokenizer
+from megatron_style.batch import KIND_IMAGE, KIND_PAIR, KIND_TEXT, pack_samples, validate_packed
 from megatron_style.model.pretraining import MaskedDataModel
 
 
@@ -26,7 +26,7 @@ def forward(cfg, samples, visual):
     b = pack_samples(samples, cfg.model)
     assert b.image_targets_pending
     b = b.with_image_targets(visual(b.images, b.tokenizer_images))
-    b.validate(cfg.model)
+    validate_packed(b, cfg.model)
     torch.manual_seed(0)
     out = MaskedDataModel(cfg.model)(b)
     assert torch.isfinite(out.loss)

@@ -5,8 +5,8 @@ import sentencepiece as spm
 
 from megatron_style.config import ConfigError
 from megatron_style.data.errors import BadSample
-from megatron_style.data.text_tokenizer import (TextTokenizer, build_text_tokenizer, check_vocab,
-                                                train_sentencepiece)
+from megatron_style.data.build_tokenizers import build_text_tokenizer
+from megatron_style.data.text_tokenizer import TextTokenizer, check_vocab, train_sentencepiece
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_style.config import ConfigError
-from megatron_style.data.visual_tokenizers import (KMeansTokenizer, PixelTargets, build_visual_tokenizer,
-                                                   load_vqkd, patchify, tokenizer_input_size,
+from megatron_style.data.build_tokenizers import build_visual_tokenizer
+from megatron_style.data.visual_tokenizers import (KMeansTokenizer, PixelTargets, load_vqkd,
+                                                   patchify, tokenizer_input_size,
                                                    train_kmeans_tokenizer)
 
 DIM, DEPTH, HIDDEN, PATCH, CODES, CODE_DIM = 128, 2, 256, 16, 64, 8   # heads = DIM // 64 = 2

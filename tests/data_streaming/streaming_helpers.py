@@ -15,7 +15,7 @@ from PIL import Image
 from megatron_style.config import PretrainConfig, from_dict
 from megatron_style.data.errors import BadSample
 from megatron_style.data.raw import RawSample
-from megatron_style.model.batch import Sample
+from megatron_style.batch import Sample
 
 
 def jpeg_bytes(i: int, size: int = 16) -> bytes:

@@ -51,7 +51,7 @@ def faulty(tmp_path_factory):
 def processors(cfg):
     yield StandInProcessor(cfg)
     from megatron_style.data.processor import SampleProcessor
-    from megatron_style.data.text_tokenizer import build_text_tokenizer
+    from megatron_style.data.build_tokenizers import build_text_tokenizer
     yield SampleProcessor(cfg, build_text_tokenizer(make_cfg("demo")))
 
 

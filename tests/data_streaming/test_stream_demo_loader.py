@@ -48,7 +48,7 @@ def test_demo_resume_continues_with_the_next_unseen_batch():
 
 def test_real_demo_source_and_processor():
     from megatron_style.data.processor import SampleProcessor
-    from megatron_style.data.text_tokenizer import build_text_tokenizer
+    from megatron_style.data.build_tokenizers import build_text_tokenizer
     cfg = make_cfg("demo", micro_batch_size=3)
     processor = SampleProcessor(cfg, build_text_tokenizer(cfg))
     b = take(build_train_loader(cfg, 0, 1, processor), 2)[1]

@@ -11,7 +11,7 @@ from PIL import Image
 from megatron_style.data.bad_data import BadDataCounter
 from megatron_style.data.loader import good_samples
 from megatron_style.data.streams import ShardStream
-from megatron_style.data.text_tokenizer import build_text_tokenizer
+from megatron_style.data.build_tokenizers import build_text_tokenizer
 from tests.data_streaming.streaming_helpers import (StandInProcessor, key_of, make_cfg, pair,
                                                     run_measured, write_tar)
 
@@ -43,7 +43,7 @@ from megatron_style.data.bad_data import BadDataCounter
 from megatron_style.data.errors import BadSample
 from megatron_style.data.processor import SampleProcessor
 from megatron_style.data.streams import ShardStream
-from megatron_style.data.text_tokenizer import build_text_tokenizer
+from megatron_style.data.build_tokenizers import build_text_tokenizer
 import numpy as np
 cfg = make_cfg(image=[{url!r}])
 processor = SampleProcessor(cfg, build_text_tokenizer(make_cfg("demo")))
@@ -89,7 +89,7 @@ def test_pillows_bomb_warning_is_a_counted_sample_even_under_warnings_as_errors(
 TOKENIZE_IN_CHILD = """
 import json, resource, time
 from megatron_style.config import PretrainConfig, from_dict
-from megatron_style.data.text_tokenizer import build_text_tokenizer
+from megatron_style.data.build_tokenizers import build_text_tokenizer
 tok = build_text_tokenizer(from_dict(PretrainConfig, {"model": {"preset": "tiny"}}))
 caption = "a small red circle left of a blue square. " * (64 * 2**20 // 42)
 resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.RLIM_INFINITY))  # not the machine's

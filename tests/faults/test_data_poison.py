@@ -42,7 +42,7 @@ from megatron_style.data.bad_data import BadDataCounter
 from megatron_style.data.loader import good_samples
 from megatron_style.data.processor import SampleProcessor
 from megatron_style.data.streams import ShardStream
-from megatron_style.data.text_tokenizer import build_text_tokenizer
+from megatron_style.data.build_tokenizers import build_text_tokenizer
 kind, url, headroom = {kind!r}, {url!r}, {headroom}
 cfg = make_cfg(**{{kind: [url]}})
 processor = SampleProcessor(cfg, build_text_tokenizer(make_cfg("demo")))

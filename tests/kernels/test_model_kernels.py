@@ -5,7 +5,7 @@ import torch
 from kernels import dispatch
 from megatron_style.config import model_config
 from megatron_style.model.pretraining import MaskedDataModel
-from megatron_style.model.synthetic import random_batch
+from megatron_style.batch.synthetic import random_batch
 
 
 @pytest.mark.interpreter

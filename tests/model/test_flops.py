@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_style.config import model_config
 from megatron_style.model import MaskedDataModel
-from megatron_style.model.batch import KIND_NAMES
+from megatron_style.batch import KIND_NAMES
 from megatron_style.model.flops import (
     batch_flops,
     build_on_meta,
@@ -19,7 +19,7 @@ from megatron_style.model.flops import (
     sample_flops,
 )
 from megatron_style.model.summary import parameter_groups
-from megatron_style.model.synthetic import random_batch
+from megatron_style.batch.synthetic import random_batch
 
 LAYOUTS = [dict(attention="shared", vl_layers=1), dict(attention="decoupled", vl_layers=0)]
 

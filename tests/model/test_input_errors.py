@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from megatron_style.config import model_config
-from megatron_style.model import MultiwayTransformer, Sample, pack_samples
-from megatron_style.model.batch import Route
-from megatron_style.model.synthetic import random_batch
+from megatron_style.batch import Sample, pack_samples
+from megatron_style.model import MultiwayTransformer
+from megatron_style.batch import Route
+from megatron_style.batch.synthetic import random_batch
 
 
 @pytest.fixture(scope="module")

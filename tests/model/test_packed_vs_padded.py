@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from megatron_style.config import model_config
-from megatron_style.model.batch import KIND_NAMES, pack_samples
-from megatron_style.model.synthetic import random_sample
+from megatron_style.batch import KIND_NAMES, pack_samples
+from megatron_style.batch.synthetic import random_sample
 from megatron_style.model.transformer import MultiwayTransformer
 
 TOL = 1e-5

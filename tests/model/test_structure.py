@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from megatron_style.config import model_config
-from megatron_style.model import MaskedDataModel, MultiwayTransformer, pack_samples
+from megatron_style.batch import pack_samples
+from megatron_style.model import MaskedDataModel, MultiwayTransformer
 from megatron_style.model.layout import TokenLayout, drop_path
 from megatron_style.model.summary import parameter_groups
-from megatron_style.model.synthetic import random_batch, random_sample
+from megatron_style.batch.synthetic import random_batch, random_sample
 
 
 def test_giant_matches_the_paper(giant_on_meta):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_style.config import model_config
-from megatron_style.parallel.memory_plan import MicroBatch, plan
+from megatron_style.model.memory_plan import MicroBatch, plan
 from megatron_style.parallel.state import group_ranks
 from tp_launch import run_workers
 
@@ -46,10 +46,10 @@ def _worker(rank, world):
     from deepspeed.utils import groups
 
     from megatron_style.model import MaskedDataModel
-    from megatron_style.model.synthetic import random_batch
+    from megatron_style.batch.synthetic import random_batch
     from megatron_style.parallel.random import seed_parallel_rng
     from megatron_style.parallel.state import build_parallel_state
-    from megatron_style.parallel.zero3 import register_zero3_parameters
+    from megatron_style.train.zero3 import register_zero3_parameters
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     state = build_parallel_state(2)

@@ -29,7 +29,7 @@ def _engine(stage, seed):
     import deepspeed
 
     from megatron_style.model import MaskedDataModel
-    from megatron_style.parallel.zero3 import register_zero3_parameters
+    from megatron_style.train.zero3 import register_zero3_parameters
 
     torch.manual_seed(seed)
     model = MaskedDataModel(_cfg())
@@ -45,7 +45,7 @@ def _engine(stage, seed):
 def _step(engine, seed):
     import torch.distributed as dist
 
-    from megatron_style.model.synthetic import random_batch
+    from megatron_style.batch.synthetic import random_batch
     b = random_batch(_cfg(), 1, 1, 1, seed=seed + 10 * dist.get_rank())
     loss = engine(b).loss
     engine.backward(loss)

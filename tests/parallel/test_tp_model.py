@@ -10,8 +10,8 @@ import torch
 
 from megatron_style.config import model_config
 from megatron_style.model import MaskedDataModel
-from megatron_style.model.synthetic import random_batch
-from megatron_style.parallel.convert import merge_tp, split_tp
+from megatron_style.batch.synthetic import random_batch
+from megatron_style.checkpoint.tp_split import merge_tp, split_tp
 from megatron_style.parallel.mappings import TPGroup
 from tp_launch import run_workers
 

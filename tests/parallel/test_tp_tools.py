@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from megatron_style.config import model_config
 from megatron_style.model import MaskedDataModel
 from megatron_style.checkpoint import convert_tp
-from megatron_style.parallel import convert, memory_plan
+from megatron_style.checkpoint import tp_split as convert
+from megatron_style.model import memory_plan
 from megatron_style.parallel.random import RNGTracker, checkpoint_fn, derive_seed
 
 

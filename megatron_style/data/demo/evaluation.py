@@ -20,7 +20,7 @@ import torch
 from megatron_style.data.demo.scenes import Scene
 from megatron_style.data.demo.render import render
 from megatron_style.data.demo.source import DemoSource
-from megatron_style.model.batch import Sample
+from megatron_style.batch import Sample
 
 if TYPE_CHECKING:
     from megatron_style.config import PretrainConfig

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from megatron_style.config import ModelConfig
-from megatron_style.model.batch import PackedBatch, Sample, pack_samples
+from megatron_style.batch import PackedBatch, Sample, pack_samples
 
 
 def random_sample(cfg: ModelConfig, kind: str, text_len: int = 12, g: Optional[torch.Generator] = None,

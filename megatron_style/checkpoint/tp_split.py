@@ -22,6 +22,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from megatron_style.config import ModelConfig
+from megatron_style.config.checks import check_tensor_parallel
+from megatron_style.model.pretraining import MaskedDataModel
 from megatron_style.parallel.layers import shard_range
 from megatron_style.parallel.mappings import TPGroup
 
@@ -49,24 +51,14 @@ class ParamSplit:
 
 
 def _meta_model(cfg: ModelConfig, tp: Optional[TPGroup]):
-    from megatron_style.model.pretraining import MaskedDataModel
     with torch.device("meta"):
         return MaskedDataModel(cfg, tp)
-
-
-def check_tensor_size(cfg: ModelConfig, tensor_size: int) -> None:
-    if tensor_size < 1:
-        raise ValueError(f"tensor-parallel size {tensor_size}: must be >= 1")
-    for name in ("heads", "ffn_dim"):
-        if getattr(cfg, name) % tensor_size:
-            raise ValueError(f"tensor-parallel size {tensor_size} does not divide model.{name} = "
-                             f"{getattr(cfg, name)}")
 
 
 def split_plan(cfg: ModelConfig, tensor_size: int) -> dict[str, ParamSplit]:
     """Parameter name -> layout at `tensor_size`, for the MaskedDataModel keys and, without
     the `beit3.` prefix, for encoder-only state dicts."""
-    check_tensor_size(cfg, tensor_size)
+    check_tensor_parallel(cfg, tensor_size)
     full = {n: tuple(p.shape) for n, p in _meta_model(cfg, None).named_parameters()}
     if tensor_size == 1:
         dims = {n: None for n in full}

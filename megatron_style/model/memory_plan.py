@@ -37,6 +37,8 @@ from typing import Optional
 import torch
 
 from megatron_style.config import MaskingConfig, ModelConfig, load_config, model_config
+from megatron_style.config.checks import check_tensor_parallel
+from megatron_style.model.pretraining import MaskedDataModel
 from megatron_style.parallel.mappings import TPGroup
 
 GIB = 1024 ** 3
@@ -84,8 +86,6 @@ class LocalShapes:
 
 
 def local_shapes(cfg: ModelConfig, tensor: int, tensor_rank: int = 0) -> LocalShapes:
-    from megatron_style.model.pretraining import MaskedDataModel
-
     if not 0 <= tensor_rank < tensor:
         raise ValueError(f"tensor rank {tensor_rank} is not in [0, {tensor})")
     with torch.device("meta"):
@@ -261,8 +261,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError(f"--text-len {args.text_len} exceeds model.max_text_len {cfg.max_text_len}")
         if min(args.images, args.texts, args.pairs) < 0 or args.text_len < 1:
             raise ValueError("sample counts must be >= 0 and --text-len >= 1")
-        from megatron_style.parallel.convert import check_tensor_size
-        check_tensor_size(cfg, tensor)
+        check_tensor_parallel(cfg, tensor)
         mb = MicroBatch(args.images, args.texts, args.pairs, args.text_len)
         shapes = local_shapes(cfg, tensor)
         plans = [plan(cfg, tensor, z, dp, mb, precision, masking, shapes=shapes) for z in zeros]
