@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+import torch.nn as nn
 
 from megatron_style.config import GuardConfig
+
+#: Tests only: comma-separated steps whose loss becomes NaN on every rank (fault injection).
+INJECT_NAN_ENV = "BEIT3_INJECT_NAN_STEPS"
 
 
 class TooManyNonFinite(RuntimeError):
@@ -56,3 +61,19 @@ class LossGuard:
         self.skipped_in_a_row = s["skipped_in_a_row"]
         self.spikes = s["spikes"]
         self.recent = deque(s["recent"])
+
+
+def inject_nan_losses(model: nn.Module, steps: str, current_step: Callable[[], int]) -> None:
+    """Fault injection for tests (`INJECT_NAN_ENV`): the loss of each listed step comes out of
+    the model's forward as NaN, so the whole path of a real non-finite loss runs (backward,
+    agreement, veto). A forward hook, so that the training loop has no test-only branch."""
+    bad = {int(x) for x in steps.split(",") if x.strip()}
+    if not bad:
+        return
+
+    def poison(module, inputs, out):
+        if current_step() in bad:
+            return out._replace(loss=out.loss * float("nan"))
+        return out
+
+    model.register_forward_hook(poison)

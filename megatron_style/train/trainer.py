@@ -22,10 +22,12 @@ from megatron_style.checkpoint.resume import load_loader_states, resume_engine
 from megatron_style.checkpoint.save import CheckpointWriter, on_rank0
 from megatron_style.config import PretrainConfig, dump_yaml
 from megatron_style.batch import TARGET_STREAMS, PackedBatch
+from megatron_style.data.batch_loader import BatchLoader
 from megatron_style.model.pretraining import MaskedDataModel
 from megatron_style.train.engine import (base_optimizer, build_engine, set_learning_rate,
                                          skip_update)
-from megatron_style.train.guards import LossGuard, TooManyNonFinite
+from megatron_style.train.guards import (INJECT_NAN_ENV, LossGuard, TooManyNonFinite,
+                                         inject_nan_losses)
 from megatron_style.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
 from megatron_style.train.profiling import StepProfiler
 from megatron_style.train.schedule import learning_rate
@@ -35,10 +37,8 @@ from megatron_style.train.exit_codes import OK as EXIT_OK
 from megatron_style.train.exit_codes import PREEMPTED as EXIT_PREEMPTED
 from megatron_style.train.exit_codes import STOPPED as EXIT_STOPPED
 from megatron_style.train.signals import StopRequest
+from megatron_style.train.step_stats import Accumulator, flops_function, loss_record
 from megatron_style.train.watchdog import Watchdog
-
-# Test hook: comma-separated steps (1-based) whose loss is replaced by NaN on every rank.
-INJECT_NAN_ENV = "BEIT3_INJECT_NAN_STEPS"
 
 
 class Trainer:
@@ -80,7 +80,7 @@ class Trainer:
         # ("run again to continue") only when nothing would be lost.
         self.saved_step: Optional[int] = None
         self.writer: Optional[CheckpointWriter] = None
-        self._flops_fn = _flops_function(self.model)
+        self._flops_fn = flops_function(self.model)
 
     # ---- setup ----------------------------------------------------------------------------
     def _setup_parallel(self) -> None:
@@ -100,7 +100,7 @@ class Trainer:
         tok = build_visual_tokenizer(self.cfg)
         return tok.to(self.device).eval().requires_grad_(False)
 
-    def _build_loader(self):
+    def _build_loader(self) -> BatchLoader:
         if self.cfg.data.source == "synthetic":
             from megatron_style.data.synthetic_loader import SyntheticLoader
             return SyntheticLoader(self.cfg, self.dp_rank, self.dp_world)
@@ -194,9 +194,9 @@ class Trainer:
             code = self._stop_now(f"{self.stop.describe()} during start-up")
             self.metrics.close()
             return code
-        inject = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
+        inject_nan_losses(self.engine.module, os.environ.get(INJECT_NAN_ENV, ""), lambda: self.step + 1)
         it = iter(self.loader)
-        acc = _Accumulator(self.device)
+        acc = Accumulator(self.device)
         t_last, steps_since = time.perf_counter(), 0
         exit_code = EXIT_OK
         peak = device_peak_tflops(self.device, cfg.logging.peak_tflops)
@@ -213,7 +213,8 @@ class Trainer:
                 lr = learning_rate(self.step, cfg.steps, cfg.optim)
                 set_learning_rate(base_optimizer(self.optimizer), lr)
                 sources: list[str] = []
-                step_loss = torch.zeros(3, dtype=torch.float64)  # loss sum, micro count, bad
+                # finite-loss sum, micro-batches, non-finite ones: agreed on once per step
+                step_loss = torch.zeros(3, dtype=torch.float64, device=self.device)
                 for micro in range(gas):
                     with prof.range("data"):
                         cpu_batch = next(it)
@@ -222,11 +223,7 @@ class Trainer:
                     with prof.range("forward"):
                         out = self.engine(b)
                     loss = out.loss
-                    if self.step + 1 in inject:
-                        loss = loss * float("nan")
-                    finite = bool(torch.isfinite(loss.detach()).item())
-                    step_loss += torch.tensor([loss.item() if finite else 0.0, 1.0, 0.0 if finite else 1.0],
-                                              dtype=torch.float64)
+                    step_loss += loss_record(loss)  # on the device: no host sync per micro-batch
                     acc.add(out.stats, cpu_batch, self._flops_fn)  # host metadata: no GPU sync
                     with prof.range("backward"):
                         self.engine.backward(loss)
@@ -253,7 +250,7 @@ class Trainer:
                 if self.step % cfg.logging.every_steps == 0 or self.step == cfg.steps:
                     now = time.perf_counter()
                     self._log_metrics(acc, now - t_last, steps_since, lr, peak, decision)
-                    acc = _Accumulator(self.device)
+                    acc = Accumulator(self.device)
                     t_last, steps_since = now, 0
                 self.metrics.advance()
                 if decision["preempt"]:
@@ -276,7 +273,7 @@ class Trainer:
             self.metrics.close()
         return exit_code
 
-    def _report_first_step(self, acc: "_Accumulator") -> None:
+    def _report_first_step(self, acc: Accumulator) -> None:
         """Tokens and FLOPs of one whole step, measured on the first one (all ranks)."""
         t = acc.counts.clone().to(self.device)
         dist.all_reduce(t, group=self.dp_group)
@@ -285,10 +282,12 @@ class Trainer:
                   + (f", {flops / 1e12:.4g} TFLOP (model FLOPs, forward + backward)" if flops else ""))
 
     def _agree(self, step_loss: torch.Tensor) -> dict[str, Any]:
-        """One all-reduce so all ranks agree on: any non-finite loss, the mean loss, preemption."""
-        t = torch.tensor([step_loss[0], step_loss[1], step_loss[2], float(self.stop.requested)],
-                         dtype=torch.float64, device=self.device)
+        """One all-reduce so all ranks agree on: any non-finite loss, the mean loss, preemption.
+        The step's one host-device synchronisation is reading its result."""
+        stop = torch.tensor([float(self.stop.requested)], dtype=torch.float64, device=self.device)
+        t = torch.cat([step_loss, stop])
         dist.all_reduce(t)
+        t = t.cpu()
         good_micro = t[1] - t[2]
         return {"bad": bool(t[2] > 0), "bad_ranks": float(t[2]),
                 "loss": float(t[0] / good_micro) if good_micro > 0 else float("nan"),
@@ -310,7 +309,7 @@ class Trainer:
                       f"{' ...' if len(shards) > 20 else ''}")
             self.metrics.add_text("guards/loss_spike", f"{message}\n\n" + "\n".join(flat[:200]), self.step)
 
-    def _log_metrics(self, acc: "_Accumulator", elapsed: float, steps: int, lr: float,
+    def _log_metrics(self, acc: Accumulator, elapsed: float, steps: int, lr: float,
                      peak: Optional[float], decision: dict[str, Any]) -> None:
         totals = acc.reduce(self.dp_group)
         scalars: dict[str, float] = {"loss": decision["loss"], "lr": lr}
@@ -337,7 +336,7 @@ class Trainer:
                 scalars["perf/mfu"] = tflops_per_device / peak
         scalars["memory/peak_gib"] = peak_memory_gib(self.device)
         scalars["guards/skipped_steps"] = float(self.guard.skipped_total)
-        bad = getattr(self.loader, "bad_sample_counts", lambda: {})()
+        bad = self.loader.bad_sample_counts()
         for reason, n in bad.items():
             scalars[f"data/skipped/{reason}"] = float(n)
         self.metrics.log_step(self.step, scalars)
@@ -383,34 +382,5 @@ class Trainer:
             (self.metrics.info if hasattr(self, "metrics") else print)(msg)
 
 
-class _Accumulator:
-    """Per-stream loss/accuracy statistics and work done since the last log line (this rank)."""
-
-    def __init__(self, device: torch.device):
-        self.stats = torch.zeros(len(TARGET_STREAMS), 3, dtype=torch.float64, device=device)
-        self.counts = torch.zeros(3, dtype=torch.float64)  # samples, tokens, flops
-
-    def add(self, stats: torch.Tensor, b: PackedBatch, flops_fn) -> None:
-        self.stats += stats.double()
-        self.counts += torch.tensor([b.num_samples, b.num_tokens, flops_fn(b) if flops_fn else 0.0],
-                                    dtype=torch.float64)
-
-    def reduce(self, group) -> dict[str, Any]:
-        t = torch.cat([self.stats.flatten(), self.counts.to(self.stats.device)])
-        dist.all_reduce(t, group=group)
-        s = t[:-3].view_as(self.stats).cpu()
-        samples, tokens, flops = (float(x) for x in t[-3:])
-        return {"stats": s, "samples": samples, "tokens": tokens, "flops": flops}
-
-
 def _checkpoint_block(block, x, layout):
     return torch.utils.checkpoint.checkpoint(block, x, layout, use_reentrant=False)
-
-
-def _flops_function(model: MaskedDataModel):
-    """Training FLOPs of a batch, counted from the built model (None if unavailable)."""
-    try:
-        from megatron_style.model.flops import batch_flops
-    except ImportError:
-        return None
-    return lambda b: batch_flops(model, b)

@@ -56,3 +56,11 @@ def test_real_demo_source_and_processor():
     assert b.kind_counts() == {"image": 1, "text": 1, "pair": 1}
     assert b.sources[0].startswith("demo/image/")
     assert b.images.shape[1:] == (3, b_cfg.img_size, b_cfg.img_size)
+
+
+def test_both_loaders_have_the_interface_the_trainer_uses():
+    from megatron_style.data.batch_loader import BatchLoader
+    from megatron_style.data.synthetic_loader import SyntheticLoader
+    cfg = make_cfg("demo", micro_batch_size=3)
+    assert isinstance(build_train_loader(cfg, 0, 1, StandInProcessor(cfg), demo=demo_get), BatchLoader)
+    assert isinstance(SyntheticLoader(cfg, 0, 1), BatchLoader)
