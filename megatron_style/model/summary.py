@@ -87,7 +87,7 @@ def render_preset(name: str) -> str:
     """configs/model/<name>.yaml: the preset's fields, readable, with where they come from."""
     header = (f"# Model preset {name!r}: a dump of megatron_style.config.MODEL_PRESETS[{name!r}].\n"
               f"# Written by `python -m megatron_style.model.summary --dump-presets configs/model`;\n"
-              f"# edit the preset in config.py and re-run it (a test fails when they differ).\n"
+              f"# edit the preset in config/model.py and re-run it (a test fails when they differ).\n"
               f"# Use in a recipe as `model: {{preset: {name}}}`, or these keys under `model:`.\n")
     return header + yaml.safe_dump(dict(MODEL_PRESETS[name]), sort_keys=False)
 
