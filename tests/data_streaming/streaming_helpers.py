@@ -212,3 +212,19 @@ def run_measured(code: str, timeout: float = 120) -> dict:
     lines = [x for x in m["out"].splitlines() if x.startswith("RESULT ")]
     m["result"] = json.loads(lines[-1][len("RESULT "):]) if lines else None
     return m
+
+
+def bad_counts_after_resume(cfg: PretrainConfig, k: int) -> dict[str, int]:
+    """Bad-sample counts after k batches, a save, a new loader resumed from it and two more
+    batches: what an uninterrupted loader shows after k + 2 when faults are counted once."""
+    from megatron_style.data.loader import build_train_loader
+    first = build_train_loader(cfg, 0, 1, StandInProcessor(cfg))
+    it = iter(first)
+    for _ in range(k):
+        next(it)
+    again = build_train_loader(cfg, 0, 1, StandInProcessor(cfg))
+    again.load_state_dict(first.state_dict())
+    it = iter(again)
+    next(it)
+    next(it)
+    return again.bad_sample_counts()
