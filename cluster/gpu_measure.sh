@@ -36,7 +36,9 @@ fi
 
 if [ "$stage" = giant ] || [ "$stage" = all ]; then
   for kernels in triton reference; do
-    args=(--config configs/pretrain/giant.yaml data.source=synthetic steps=30 logging.every_steps=5
+    # one micro-batch per step (the recipe's 6144 would be 128 of them on one GPU)
+    args=(--config configs/pretrain/giant.yaml data.source=synthetic data.global_batch_size=48
+          steps=30 logging.every_steps=5
           logging.progress=lines checkpoint.save=false "model.kernels=$kernels"
           "checkpoint.dir=/tmp/giant_ckpt_$kernels" logging.dir="$out/giant_$kernels")
     # the kernels-on run also writes a profile of steps 26-27 (trace, top ops, memory snapshot)

@@ -10,12 +10,16 @@ from megatron_style.batch import PackedBatch, Sample, pack_samples
 
 
 def random_sample(cfg: ModelConfig, kind: str, text_len: int = 12, g: Optional[torch.Generator] = None,
-                  image_ratio: float = 0.4, text_ratio: float = 0.15) -> Sample:
+                  image_ratio: float = 0.4, text_ratio: float = 0.15,
+                  pair_image_ratio: Optional[float] = None) -> Sample:
+    """`pair_image_ratio`: patches hidden in a pair's image (default: image_ratio; 0 hides
+    none, as data.masking.pair_image_ratio 0 does)."""
     s = Sample(source=f"synthetic/{kind}")
     P = cfg.num_patches
     if kind in ("image", "pair"):
         s.image = torch.randn(cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
-        n = max(1, round(image_ratio * P))
+        ratio = image_ratio if kind == "image" or pair_image_ratio is None else pair_image_ratio
+        n = max(1, round(ratio * P)) if ratio > 0 else 0
         s.image_mask = torch.zeros(P, dtype=torch.bool)
         s.image_mask[torch.randperm(P, generator=g)[:n]] = True
         if cfg.visual_target == "tokens":

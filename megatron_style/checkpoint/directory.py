@@ -44,6 +44,9 @@ class Manifest:
     world_size: int = 0
     init_from: str = ""         # the run's checkpoint.init_from (to tell its restarts apart)
     files: Optional[dict[str, int]] = None
+    # Samples per optimizer step over all ranks, so that a resume on another number of ranks
+    # keeps it (train/batch_plan.py); 0 in checkpoints written before it was recorded.
+    global_batch: int = 0
     written_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     @classmethod
@@ -56,7 +59,8 @@ class Manifest:
             return cls(step=int(d["step"]), run_id=str(d.get("run_id", "")),
                        world_size=int(d.get("world_size", 0)),
                        init_from=str(d.get("init_from", "")), files=d.get("files"),
-                       written_at=str(d.get("written_at", "")))
+                       written_at=str(d.get("written_at", "")),
+                       global_batch=int(d.get("global_batch", 0)))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 

@@ -24,15 +24,22 @@ def read_model_file(path: str) -> dict:
     return sd
 
 
-def load_model_file(model: nn.Module, path: str) -> None:
-    """Initialise `model` from our export, a released BEiT-3 file, or a training checkpoint."""
+def load_model_file(model: nn.Module, path: str) -> list[str]:
+    """Initialise `model` from our export, a released BEiT-3 file, or a training checkpoint.
+    Returns the report for the log: what was loaded and, for released files, what was ignored,
+    resized or created and why (released_checkpoint.fit_released_state_dict). Any released
+    BEiT-3 file loads: pretrained, ITC-tuned, fine-tuned, at any image size."""
     sd = read_model_file(path)
     if any(k.startswith(("beit3.encoder.", "encoder.layers.")) for k in sd):
-        from megatron_style.model.released_checkpoint import load_released_state_dict
-        load_released_state_dict(model, sd)
-        return
+        from megatron_style.model.released_checkpoint import (fit_released_state_dict,
+                                                              load_released_state_dict)
+        fitted, notes = fit_released_state_dict(model, sd)
+        load_released_state_dict(model, fitted)
+        return [f"init_from {path}: released BEiT-3 layout, {len(fitted)} tensors loaded"] + \
+            [f"init_from: {n}" for n in notes]
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: does not fit the model: missing {missing[:10]}"
                          f"{'...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
                          f"{'...' if len(unexpected) > 10 else ''}")
+    return [f"init_from {path}: {len(sd)} tensors loaded (this project's layout)"]

@@ -102,6 +102,23 @@ def resume_engine(engine: Any, resume: str, ckpt_dir: str,
     return None
 
 
+def saved_global_batch(resume: str, ckpt_dir: str) -> tuple[int, str]:
+    """Collective. (global batch, checkpoint path) recorded by the checkpoint a resume would
+    start from (the newest candidate), read before the engine is built because the gradient
+    accumulation is fixed there; (0, "") when there is none or it predates the record."""
+    def read() -> tuple[int, str]:
+        try:
+            found = candidates(resume, ckpt_dir)
+        except ValueError:  # a bad checkpoint.resume is said by resume_engine itself
+            return 0, ""
+        if not found:
+            return 0, ""
+        tag_dir = os.path.join(*found[0])
+        manifest = Manifest.read(tag_dir)
+        return (manifest.global_batch if manifest else 0), tag_dir
+    return on_rank0(read)
+
+
 def _summarise(reports: list[list[str]]) -> str:
     """One line of what the ranks found; the same problem seen by every rank is said once."""
     seen: dict[str, list[int]] = {}

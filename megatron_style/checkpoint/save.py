@@ -107,9 +107,11 @@ def gather(obj: Any) -> list[Any]:
 
 class CheckpointWriter:
     def __init__(self, engine: Any, ckpt_dir: str, keep_last: int, run_id: str,
-                 init_from: str = "", log: Callable[[str], None] = print) -> None:
+                 init_from: str = "", log: Callable[[str], None] = print,
+                 global_batch: int = 0) -> None:
         self.engine, self.dir, self.keep_last, self.run_id, self.log = (
             engine, ckpt_dir, keep_last, run_id, log)
+        self.global_batch = global_batch  # recorded in every manifest
         self.init_from = os.path.abspath(init_from) if init_from else ""
         if not isinstance(engine.checkpoint_engine, DurableCheckpointEngine):
             engine.checkpoint_engine = DurableCheckpointEngine(engine.checkpoint_engine)
@@ -147,7 +149,8 @@ class CheckpointWriter:
         world = dist.get_world_size() if dist.is_initialized() else 1
         on_rank0(lambda: self._commit(path, Manifest(step=step, run_id=self.run_id,
                                                      world_size=world, init_from=self.init_from,
-                                                     files=files)))
+                                                     files=files,
+                                                     global_batch=self.global_batch)))
         self.written_here.add(tag)
         return path
 

@@ -51,6 +51,10 @@ def check_data(d: "DataConfig", key: str = "data") -> None:
             f"{key}.micro_batch_size: {d.micro_batch_size} samples split by the stream weights "
             f"{weights} give stream {starved[0]!r} no sample in any micro-batch (split "
             f"{counts}); raise micro_batch_size or set {key}.{starved[0]}.weight: 0")
+    if d.global_batch_size:
+        check(d.global_batch_size % d.micro_batch_size == 0, f"{key}.global_batch_size",
+              f"{d.global_batch_size} is not a multiple of {key}.micro_batch_size="
+              f"{d.micro_batch_size}; every step is whole micro-batches")
     lo_hi = d.crop_scale
     check(len(lo_hi) == 2 and lo_hi[0] <= lo_hi[1], f"{key}.crop_scale",
           f"must be [lo, hi] with 0 < lo <= hi <= 1, got {lo_hi}")
@@ -81,7 +85,8 @@ def check_parallel(p: "ParallelConfig", key: str = "parallel") -> None:
                               f"{e}") from None
     for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         check(k not in extra, f"{key}.deepspeed", f"{k!r} is set by the trainer from "
-              "data.micro_batch_size and parallel.grad_accum; remove it")
+              "data.micro_batch_size and data.global_batch_size (or parallel.grad_accum); "
+              "remove it")
     stage = extra.get("zero_optimization", {}).get("stage", p.zero_stage)
     check(stage == p.zero_stage, f"{key}.zero_stage",
           f"is {p.zero_stage} but the DeepSpeed config says stage {stage}; make them agree")
@@ -106,6 +111,10 @@ def check_run(cfg: "PretrainConfig") -> None:
     check_optim(cfg.optim)
     check_parallel(cfg.parallel)
     check_tensor_parallel(cfg.model, cfg.parallel.tensor)
+    check(not (cfg.data.global_batch_size and cfg.parallel.grad_accum != 1), "parallel.grad_accum",
+          f"is derived from data.global_batch_size={cfg.data.global_batch_size} for the number "
+          f"of ranks a run starts on; remove grad_accum={cfg.parallel.grad_accum}, or set "
+          "data.global_batch_size: 0 to give the accumulation yourself")
     pixels_model = cfg.model.visual_target == "pixels"
     pixels_data = cfg.data.tokenizer.visual == "pixels"
     check(pixels_model == pixels_data, "data.tokenizer.visual",

@@ -3,7 +3,7 @@ bad data and stalled sources from ending a run."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 from megatron_style.config.checks import check_data
 from megatron_style.config.fields import bounded, check_bounds
@@ -22,19 +22,33 @@ class StreamConfig:
     # listing shards one per line, or a list of any of these. Empty with source "demo".
     shards: Union[str, list[str]] = ""
     weight: float = bounded(1.0, ge=0)
-    # Horizontal flips change the meaning of "left of" in captions: off for pairs by default.
-    flip: bool = True
+    # Horizontal flip with probability 0.5 (BEiT's). null = the stream's default: on for
+    # images, off for pairs, our one exception to BEiT's augmentation (a flip makes "left of"
+    # in a caption false). A default rather than a value, so that a recipe naming a pair
+    # stream's shards does not turn its flips on (DataConfig.flips).
+    flip: Optional[bool] = None
 
 
 @dataclass
 class MaskingConfig:
-    """Masked data modeling: what fraction of each stream is hidden (paper: 15 / 50 / 40 %)."""
+    """Masked data modeling: what fraction of each stream is hidden (paper: 15 % of a text's
+    tokens, 50 % of a pair's text tokens, 40 % of an image's patches, block-wise)."""
 
     text_ratio: float = bounded(0.15, gt=0, lt=1)
     pair_text_ratio: float = bounded(0.5, gt=0, lt=1)
     image_ratio: float = bounded(0.4, gt=0, lt=1)
+    # Patches hidden in the image of a pair (0 = the pair's image is seen whole and only its
+    # text is predicted). The paper describes the pair objective through the text alone (50 %
+    # of a pair's text tokens); VL-BEiT, its predecessor with the same single objective,
+    # recovers a pair's masked text from the image and the rest of the text. Hence 0; set
+    # image_ratio's 0.4 here to mask pair images as image-only ones (docs/paper_recipe.md).
+    pair_image_ratio: float = bounded(0.0, ge=0, lt=1, note="0 = pair images not masked")
+    # What a hidden text token becomes: "bert" = BERT's 80 / 10 / 10 (<mask>, a random
+    # ordinary token, unchanged; what unilm's and torchscale's MLM code and VLMo do), "mask" =
+    # always <mask>. Every hidden token is predicted either way. BOS / EOS / pad never hidden.
+    text_mode: Literal["bert", "mask"] = "bert"
     # BEiT block-wise masking: blocks of at least this many patches, aspect ratio in
-    # [min_aspect, 1/min_aspect].
+    # [min_aspect, 1/min_aspect], never as tall or as wide as the grid (BEiT's rule).
     image_min_block: int = bounded(16, ge=1)
     image_min_aspect: float = bounded(0.3, gt=0, le=1)
 
@@ -67,9 +81,15 @@ class DataConfig:
     synthetic_text_len: int = bounded(64, ge=1)
     image: StreamConfig = field(default_factory=StreamConfig)
     text: StreamConfig = field(default_factory=StreamConfig)
-    pair: StreamConfig = field(default_factory=lambda: StreamConfig(flip=False))
+    pair: StreamConfig = field(default_factory=StreamConfig)
     # Samples per micro-batch on each rank, split over the streams by their weights.
     micro_batch_size: int = bounded(24, ge=1)
+    # Samples per optimizer step over all data-parallel ranks (the paper: 6144 = 2048 images +
+    # 2048 texts + 2048 pairs). Gradient accumulation is derived from it for the number of
+    # ranks a run starts on: global / (micro_batch_size x data-parallel ranks), which must be
+    # whole. 0 = not fixed: micro_batch_size x parallel.grad_accum x ranks; a resume on another
+    # number of ranks then keeps the checkpoint's global batch (train/batch_plan.py).
+    global_batch_size: int = bounded(0, ge=0, note="0 = micro x parallel.grad_accum x ranks")
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     num_workers: int = bounded(2, ge=0)
@@ -79,9 +99,12 @@ class DataConfig:
     # Shards: false = epochs (every sample once per epoch, shard order reshuffled each epoch);
     # true = each loader worker draws shards at random with replacement, forever.
     resampled: bool = False
-    # Random-resized-crop scale range and optional colour jitter strength (0 = off).
-    crop_scale: list[float] = bounded([0.5, 1.0], gt=0, le=1)
-    color_jitter: float = bounded(0.0, ge=0, le=1)
+    # BEiT's augmentation (BEiT-3 Table 11, "the same image augmentation as in BEiT"):
+    # random-resized crop of this area fraction (BEiT: 0.08 to 1), horizontal flip (per
+    # stream, `flip`), colour jitter of brightness, contrast and saturation by this strength
+    # (0.4; no hue, as BEiT's ColorJitter(0.4, 0.4, 0.4); 0 = off).
+    crop_scale: list[float] = bounded([0.08, 1.0], gt=0, le=1)
+    color_jitter: float = bounded(0.4, ge=0, le=1)
     # Held-out pairs for the end-of-run evaluation (demo only).
     eval_samples: int = bounded(256, ge=0)
     seed: int = 0
@@ -118,6 +141,11 @@ class DataConfig:
     # key (0 = wait forever). Above read_timeout_s, which handles single stalled shards (a batch
     # may meet one per stream), and below guards.stall_timeout_s, so that the cause is named.
     loader_timeout_s: float = bounded(1200.0, off=0, gt=0)
+
+    def flips(self, stream: str) -> bool:
+        """Whether images of `stream` are flipped at random (StreamConfig.flip)."""
+        flip = getattr(self, stream).flip
+        return stream != "pair" if flip is None else flip
 
     def stream_weights(self) -> dict[str, float]:
         return {s: getattr(self, s).weight for s in STREAMS}

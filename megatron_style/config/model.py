@@ -53,6 +53,13 @@ class ModelConfig:
     drop_path: float = bounded(0.0, ge=0, lt=1)
     ln_eps: float = bounded(1e-5, gt=0)
     init_std: float = bounded(0.02, gt=0)
+    # How a from-scratch run draws its weights (model/init.py). "beit": the paper's (BEiT-3
+    # section 2.3, "the BEiT initialization algorithm"): every weight trunc-normal with std
+    # init_std cut at +-1 std (so in [-0.02, 0.02]), then layer l's output matrices
+    # (attention out_proj, every expert's fc2) divided by sqrt(2 l). "subln": torchscale's
+    # Sub-LN (Magneto, arXiv 2210.06423) rule: cut at +-2 std, then fc1, fc2, v_proj and
+    # out_proj multiplied by sqrt(log 2N). Weights loaded by checkpoint.init_from override it.
+    init: Literal["beit", "subln"] = "beit"
     # What the image head predicts: visual-token ids ("tokens", BEiT) or normalised pixels of
     # each masked patch ("pixels", MAE-style regression).
     visual_target: Literal["tokens", "pixels"] = "tokens"

@@ -15,6 +15,11 @@ class OptimConfig:
     betas: list[float] = bounded([0.9, 0.98], ge=0, lt=1)
     eps: float = bounded(1e-6, gt=0)
     weight_decay: float = bounded(0.05, ge=0)
+    # Which weights are decayed (the paper does not say). true: as unilm's BEiT, BEiT v2 and
+    # BEiT-3 code (`no_weight_decay`): all but norms, biases, the CLS token and the vision
+    # position table, so the text embedding, the text position table and the mask token are
+    # decayed. false: those three are exempt too (this project's rule before issue 14).
+    decay_embeddings: bool = True
     grad_clip: float = bounded(3.0, ge=0, note="0 = off")
     # Linear warmup, then cosine decay to min_lr_ratio * lr at the last step.
     warmup_steps: int = bounded(10_000, ge=0)
@@ -33,12 +38,14 @@ class ParallelConfig:
     tensor: int = bounded(1, ge=1)
     zero_stage: int = bounded(1, ge=0, le=3)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # Micro-batches per step on each rank. With data.global_batch_size set it is derived
+    # (global / (micro x data-parallel ranks)) and must be left at 1.
     grad_accum: int = bounded(1, ge=1)
     # Recompute each block's activations in backward (saves memory, costs ~1/3 more compute).
     activation_checkpointing: bool = False
     # A DeepSpeed JSON config merged over the generated one (e.g. configs/deepspeed/
     # zero3_offload.json), then `deepspeed` entries on top. Batch sizes stay ours:
-    # data.micro_batch_size and parallel.grad_accum.
+    # data.micro_batch_size and data.global_batch_size (or parallel.grad_accum).
     deepspeed_file: str = ""
     deepspeed: dict[str, Any] = field(default_factory=dict)
 

@@ -2,9 +2,10 @@
 
     image: random-resized-crop (data.crop_scale) -> flip (if the stream's `flip`) -> colour
            jitter (data.color_jitter) -> [3, S, S] in [-1, 1], plus the same crop in [0, 1] at
-           the visual tokenizer's resolution when it is not S -> block mask of the patches
+           the visual tokenizer's resolution (VQ-KD: its own view, lanczos) -> block mask of
+           the patches (image-only: data.masking.image_ratio; pairs: pair_image_ratio)
     text:  SentencePiece -> <s> ids </s>, at most model.max_text_len -> mask 15% (text-only) or
-           50% (pairs) of the ids, replaced by <mask>
+           50% (pairs) of the ids, which become <mask> or, in BERT's mode, 80/10/10
 
 `image_targets` stay None: the visual tokenizer runs on the training device and the trainer
 fills them with `PackedBatch.with_image_targets`. All randomness comes from the `rng` argument,
@@ -22,7 +23,7 @@ import torch
 
 from megatron_style.config import PretrainConfig
 from megatron_style.data.errors import BadSample
-from megatron_style.data.masking import ImageMasker, text_mask
+from megatron_style.data.masking import ImageMasker, TextCorruptor, text_mask
 from megatron_style.data.raw import RawSample
 from megatron_style.data.text_tokenizer import TextTokenizer, check_vocab
 from megatron_style.data.transforms import augment
@@ -36,23 +37,26 @@ class SampleProcessor:
         self.cfg = cfg
         self.tok = text_tokenizer
         mk = cfg.data.masking
-        self.image_masker = ImageMasker(cfg.model.grid, mk.image_ratio, mk.image_min_block,
-                                        mk.image_min_aspect)
+        self.image_maskers = {
+            kind: ImageMasker(cfg.model.grid, ratio, mk.image_min_block, mk.image_min_aspect)
+            for kind, ratio in (("image", mk.image_ratio), ("pair", mk.pair_image_ratio))}
+        self.corrupt = TextCorruptor(mk.text_mode, text_tokenizer.mask_id,
+                                     text_tokenizer.vocab_size, text_tokenizer.special_ids)
         self.tokenizer_size = tokenizer_input_size(cfg)
-        self.flip = {k: getattr(cfg.data, k).flip for k in ("image", "pair")}
+        self.flip = {k: cfg.data.flips(k) for k in ("image", "pair")}
         self.text_ratio = {"text": mk.text_ratio, "pair": mk.pair_text_ratio}
 
     def __call__(self, raw: RawSample, rng: np.random.Generator) -> Sample:
         s = Sample(source=raw.source)
         if raw.kind in ("image", "pair"):
             s.image, s.tokenizer_image = self.image_views(raw.image, rng, raw.kind, raw.source)
-            s.image_mask = torch.from_numpy(self.image_masker(rng))
+            s.image_mask = torch.from_numpy(self.image_maskers[raw.kind](rng))
         if raw.kind in ("text", "pair"):
             ids = self.text_ids(raw.text, raw.source)
             mask = text_mask(ids, self.tok.special_ids, self.text_ratio[raw.kind], rng, raw.source)
             s.text_targets = torch.tensor(ids, dtype=torch.long)
             s.text_mask = torch.from_numpy(mask)
-            s.text = s.text_targets.masked_fill(s.text_mask, self.tok.mask_id)
+            s.text = torch.from_numpy(self.corrupt(np.asarray(ids), mask, rng))
         return s
 
     def image_views(self, image, rng: Optional[np.random.Generator], kind: str = "image",

@@ -30,7 +30,9 @@ class SyntheticLoader:
         d, m = self.cfg.data, self.cfg.model
         g = torch.Generator().manual_seed(hash((d.seed, self.dp_rank, index)) % (2 ** 63))
         text_len = min(d.synthetic_text_len, m.max_text_len)
-        samples = [random_sample(m, kind, text_len, g, d.masking.image_ratio, d.masking.text_ratio)
+        mk = d.masking
+        samples = [random_sample(m, kind, text_len, g, mk.image_ratio, mk.text_ratio,
+                                 mk.pair_image_ratio)
                    for kind, n in self.counts.items() for _ in range(n)]
         return pack_samples(samples, m)
 

@@ -1,11 +1,16 @@
 """Image augmentation with PIL, numpy and torch (no torchvision).
 
-The pretraining recipe (BEiT / BEiT-3): random-resized-crop, horizontal flip, optional colour
-jitter (brightness, contrast, saturation; no hue: hue shifts would change the colour words of
-captions), then normalisation with mean = std = 0.5 (timm's IMAGENET_INCEPTION constants used
-by the released BEiT-3), i.e. pixels in [-1, 1]. When the visual tokenizer wants another
-resolution (VQ-KD is patch 16), the same crop box is resized a second time for it, kept in
-[0, 1]: both views show exactly the same content, as the targets must match the inputs.
+The pretraining recipe (BEiT / BEiT v2, which BEiT-3 follows): random-resized-crop (scale
+(0.08, 1), ratio (3/4, 4/3)), horizontal flip with p = 0.5, colour jitter as torchvision's
+ColorJitter(0.4, 0.4, 0.4) (brightness, contrast, saturation in a random order, each factor
+uniform in [1 - s, 1 + s], clamped to [0, 1] after each; no hue, as in BEiT), then
+normalisation with mean = std = 0.5 (timm's IMAGENET_INCEPTION constants used by the released
+BEiT-3), i.e. pixels in [-1, 1]. The visual tokenizer's view (VQ-KD) is the same crop and flip
+resized a second time, with lanczos as BEiT v2's `second_interpolation`, kept in [0, 1] as its
+`ToTensor()` leaves it: both views show exactly the same content, as the targets must match
+the inputs. Where BEiT jitters the whole image before cropping, the jitter here runs on the two
+resized views with the same factors and order (contrast blends towards the model view's mean
+grey, for both views): the same result up to contrast's mean being the crop's.
 
 Speed: one `Image.resize(..., box=...)` does crop and resize in a single pass, and a JPEG that
 has not been decoded yet is decoded at a reduced scale (`Image.draft`) when the crop is much
@@ -108,8 +113,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def crop_resize(img: Image.Image, box: Box, size: int) -> Image.Image:
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+def crop_resize(img: Image.Image, box: Box, size: int,
+                resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+    return img.resize((size, size), resample, box=box)
 
 
 def to_unit_tensor(img: Image.Image) -> torch.Tensor:
@@ -125,19 +131,24 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 def color_jitter(views: list[torch.Tensor], strength: float,
                  rng: np.random.Generator) -> list[torch.Tensor]:
-    """Brightness, contrast and saturation, each scaled by a factor in [1-s, 1+s], the same
-    factors for every view (the tokenizer must see what the model sees). Views are in [0, 1]."""
+    """torchvision's ColorJitter(s, s, s) (hue 0): brightness, contrast and saturation in a
+    random order, each a blend with a factor uniform in [max(0, 1-s), 1+s], clamped to [0, 1]
+    after each step. The same factors, order and contrast mean for every view (the tokenizer
+    must see what the model sees). Views are in [0, 1]."""
     if strength <= 0:
         return views
-    b, c, s = (float(rng.uniform(max(0.0, 1 - strength), 1 + strength)) for _ in range(3))
-    out = []
-    for x in views:
-        x = x * b
-        gray = _gray(x)
-        x = (x - gray.mean()) * c + gray.mean()
-        gray = _gray(x)
-        x = (x - gray) * s + gray
-        out.append(x.clamp_(0.0, 1.0))
+    order = rng.permutation(3)
+    factors = [float(rng.uniform(max(0.0, 1 - strength), 1 + strength)) for _ in range(3)]
+    out = list(views)
+    for op in order:
+        f = factors[op]
+        if op == 0:    # brightness: blend with black
+            out = [(x * f).clamp_(0.0, 1.0) for x in out]
+        elif op == 1:  # contrast: blend with the (model view's) mean grey
+            mean = _gray(out[0]).mean()
+            out = [((x - mean) * f + mean).clamp_(0.0, 1.0) for x in out]
+        else:          # saturation: blend with the pixel's grey
+            out = [((x - _gray(x)) * f + _gray(x)).clamp_(0.0, 1.0) for x in out]
     return out
 
 
@@ -157,11 +168,13 @@ def augment(img: Image.Image, size: int, tokenizer_size: Optional[int], crop_sca
     img = to_rgb(img, source)
     do_flip = train and flip and bool(rng.random() < 0.5)
     views = []
-    for s in (size, tokenizer_size):
+    # The tokenizer's view with lanczos: BEiT v2's --second_interpolation (its default).
+    for s, resample in ((size, Image.Resampling.BICUBIC),
+                        (tokenizer_size, Image.Resampling.LANCZOS)):
         if s is None:
             continue
         try:  # resampling this sample's pixels: what fails here (memory) is the sample's fault
-            v = crop_resize(img, box, s)
+            v = crop_resize(img, box, s, resample)
             if do_flip:
                 v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             views.append(to_unit_tensor(v))

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from kernels import dispatch
 from megatron_style.config import ModelConfig
+from megatron_style.model.init import init_rule
 from megatron_style.model.layout import TokenLayout
 from megatron_style.model.ways import grouped_linear, grouped_norm, row_parallel_out
 from megatron_style.parallel.layers import (
@@ -23,29 +24,29 @@ from megatron_style.parallel.layers import (
     RowParallelLinear,
     ShardedLayerNorm,
     even_shard,
-    sublayer_init_scale,
 )
 from megatron_style.parallel.mappings import TPGroup, copy_to_tp
 from typing import Optional
 
 
 class MultiwayAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: Optional[TPGroup] = None):
+    def __init__(self, cfg: ModelConfig, tp: Optional[TPGroup] = None, index: int = 0):
+        """`index`: the layer's 0-based position; the init of out_proj depends on it."""
         super().__init__()
         self.cfg, self.tp = cfg, tp
         ways = 2 if cfg.attention == "decoupled" else 1
-        D, std = cfg.dim, cfg.init_std
-        scale = sublayer_init_scale(cfg.layers)
+        D, rule = cfg.dim, init_rule(cfg)
+        init = dict(tp=tp, init_std=rule.std, init_cut=rule.cut)
         self.local_heads = even_shard(cfg.heads, tp, "model.heads")
         self.head_dim = cfg.head_dim
         self.norm = nn.ModuleList(nn.LayerNorm(D, eps=cfg.ln_eps) for _ in range(ways))
-        self.q_proj = nn.ModuleList(ColumnParallelLinear(D, D, tp=tp, init_std=std) for _ in range(ways))
-        self.k_proj = nn.ModuleList(ColumnParallelLinear(D, D, tp=tp, init_std=std) for _ in range(ways))
-        self.v_proj = nn.ModuleList(ColumnParallelLinear(D, D, tp=tp, init_std=std, init_scale=scale)
+        self.q_proj = nn.ModuleList(ColumnParallelLinear(D, D, **init) for _ in range(ways))
+        self.k_proj = nn.ModuleList(ColumnParallelLinear(D, D, **init) for _ in range(ways))
+        self.v_proj = nn.ModuleList(ColumnParallelLinear(D, D, init_scale=rule.inner_scale, **init)
                                     for _ in range(ways))
         self.inner_norm = nn.ModuleList(ShardedLayerNorm(D, cfg.ln_eps, tp) for _ in range(ways))
-        self.out_proj = nn.ModuleList(RowParallelLinear(D, D, tp=tp, init_std=std, init_scale=scale)
-                                      for _ in range(ways))
+        self.out_proj = nn.ModuleList(RowParallelLinear(D, D, init_scale=rule.output_scale(index),
+                                                        **init) for _ in range(ways))
 
     @property
     def ways(self) -> int:

@@ -25,8 +25,8 @@ class MultiwayBlock(nn.Module):
         self.index = index
         self.has_vl = cfg.has_vl_expert(index)
         self.drop_path = drop_path_rate(cfg, index)
-        self.attn = MultiwayAttention(cfg, tp)
-        self.ffn = RoutedFFN(cfg, 3 if self.has_vl else 2, tp)
+        self.attn = MultiwayAttention(cfg, tp, index)
+        self.ffn = RoutedFFN(cfg, 3 if self.has_vl else 2, tp, index)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         x = x + drop_path(self.attn(x, layout), self.drop_path, self.training, layout)

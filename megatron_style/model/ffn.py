@@ -17,12 +17,12 @@ import torch.nn as nn
 
 from megatron_style.config import ModelConfig
 from megatron_style.batch import Route
+from megatron_style.model.init import init_rule
 from megatron_style.model.ways import grouped_linear, grouped_norm, row_parallel_out
 from megatron_style.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     ShardedLayerNorm,
-    sublayer_init_scale,
 )
 from megatron_style.parallel.mappings import TPGroup, copy_to_tp
 
@@ -30,15 +30,16 @@ EXPERT_NAMES = ("vision", "language", "vision_language")
 
 
 class Expert(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: Optional[TPGroup] = None):
+    def __init__(self, cfg: ModelConfig, tp: Optional[TPGroup] = None, index: int = 0):
+        """`index`: the 0-based layer this expert belongs to (the init of fc2 depends on it)."""
         super().__init__()
-        scale = sublayer_init_scale(cfg.layers)
+        rule = init_rule(cfg)
+        init = dict(tp=tp, init_std=rule.std, init_cut=rule.cut)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.fc1 = ColumnParallelLinear(cfg.dim, cfg.ffn_dim, tp=tp, init_std=cfg.init_std,
-                                        init_scale=scale)
+        self.fc1 = ColumnParallelLinear(cfg.dim, cfg.ffn_dim, init_scale=rule.inner_scale, **init)
         self.ffn_norm = ShardedLayerNorm(cfg.ffn_dim, cfg.ln_eps, tp)
-        self.fc2 = RowParallelLinear(cfg.ffn_dim, cfg.dim, tp=tp, init_std=cfg.init_std,
-                                     init_scale=scale)
+        self.fc2 = RowParallelLinear(cfg.ffn_dim, cfg.dim, init_scale=rule.output_scale(index),
+                                     **init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One expert on its own (all rows belong to it)."""
@@ -46,10 +47,11 @@ class Expert(nn.Module):
 
 
 class RoutedFFN(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_experts: int, tp: Optional[TPGroup] = None):
+    def __init__(self, cfg: ModelConfig, num_experts: int, tp: Optional[TPGroup] = None,
+                 index: int = 0):
         super().__init__()
         self.tp = tp
-        self.experts = nn.ModuleList(Expert(cfg, tp) for _ in range(num_experts))
+        self.experts = nn.ModuleList(Expert(cfg, tp, index) for _ in range(num_experts))
 
     def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         if len(route.counts) != len(self.experts):

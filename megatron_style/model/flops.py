@@ -155,7 +155,8 @@ def sample_flops(model_or_cfg: Union[nn.Module, ModelConfig], kind: str, text_le
                          f"for a {kind} sample")
     m = MaskingConfig()
     if masked_patches is None:
-        masked_patches = round(m.image_ratio * cfg.num_patches) if has_img else 0
+        ratio = m.pair_image_ratio if kind == "pair" else m.image_ratio
+        masked_patches = round(ratio * cfg.num_patches) if has_img else 0
     if masked_text is None:
         ratio = m.pair_text_ratio if kind == "pair" else m.text_ratio
         masked_text = max(1, round(ratio * text_len)) if has_txt else 0

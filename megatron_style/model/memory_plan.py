@@ -58,7 +58,8 @@ class MicroBatch:
 
     def masked(self, cfg: ModelConfig, m: MaskingConfig) -> tuple[int, int]:
         """(hidden patches, hidden text tokens) that reach the heads."""
-        img = round(m.image_ratio * cfg.num_patches) * (self.images + self.pairs)
+        img = (round(m.image_ratio * cfg.num_patches) * self.images
+               + round(m.pair_image_ratio * cfg.num_patches) * self.pairs)
         txt = (max(1, round(m.text_ratio * self.text_len)) * self.texts
                + max(1, round(m.pair_text_ratio * self.text_len)) * self.pairs)
         return img, txt

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from kernels import dispatch
 from megatron_style.config import ModelConfig
 from megatron_style.batch import LANGUAGE, TARGET_STREAMS, VISION, PackedBatch
+from megatron_style.model.init import init_rule
 from megatron_style.model.transformer import MultiwayTransformer
 from megatron_style.parallel.layers import ColumnParallelLinear
 from megatron_style.parallel.mappings import TPGroup, tp_size
@@ -47,13 +48,14 @@ class MaskedDataModel(nn.Module):
         super().__init__()
         self.cfg, self.tp = cfg, tp
         self.beit3 = MultiwayTransformer(cfg, tp)
-        D, std = cfg.dim, cfg.init_std
-        self.text_head = ColumnParallelLinear(D, cfg.text_vocab_size, tp=tp, init_std=std)
+        D, rule = cfg.dim, init_rule(cfg)
+        init = dict(init_std=rule.std, init_cut=rule.cut)
+        self.text_head = ColumnParallelLinear(D, cfg.text_vocab_size, tp=tp, **init)
         if cfg.visual_target == "tokens":
-            self.image_head = ColumnParallelLinear(D, cfg.visual_vocab_size, tp=tp, init_std=std)
+            self.image_head = ColumnParallelLinear(D, cfg.visual_vocab_size, tp=tp, **init)
         else:
             # A regression head is small: replicated, not split across ranks.
-            self.image_head = ColumnParallelLinear(D, cfg.patch_dim, tp=None, init_std=std)
+            self.image_head = ColumnParallelLinear(D, cfg.patch_dim, tp=None, **init)
 
     def forward(self, b: PackedBatch) -> MDMOutput:
         h = self.beit3.encode(b, final_norm=False)

@@ -10,11 +10,14 @@ Export after import reproduces every tensor exactly.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Mapping, Union
 
 import torch
 import torch.nn as nn
+
+from megatron_style.batch import POSITION_OFFSET
 
 # Released name <-> our name. {n}: layer, {p}: projection, {t}: weight/bias,
 # {W}: released way letter (A vision, B language) <-> {w}: our way index (0, 1).
@@ -103,6 +106,91 @@ def _released_name(ours: str, bare: bool) -> str:
     body = ours if bare else (rest if first == "beit3" else ours)
     rel = _to_released(body)
     return f"beit3.{rel}" if rel is not None else ours
+
+
+# Keys of released files that are not part of a masked-data model, and why they are left out.
+# (unilm's BEiT3ForRetrieval / ITC tuning, and its fine-tuning task heads.)
+_NOT_PRETRAINING = [
+    (re.compile(r"^(logit_scale$|vision_head\.|language_head\.)"),
+     "the image-text contrastive heads of the ITC-tuned and retrieval files (vision_head, "
+     "language_head, logit_scale): masked data modeling has no use for them"),
+    (re.compile(r"^(head\.|fc_norm\.|pooler\.)"),
+     "a fine-tuning task's head (classification fc_norm + head, VQA pooler + head, NLVR2 "
+     "head): not part of the pretrained encoder"),
+]
+
+
+def _shown(keys: list[str], limit: int = 6) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} keys)" if len(keys) > limit else "")
+
+
+def fit_released_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]
+                            ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Make a released BEiT-3 file fit `model` for `checkpoint.init_from`, saying what was done
+    (one line each): keys of retrieval / ITC / fine-tuning heads ignored, the vision position
+    table resized to the model's grid as unilm does (`resize_vision_positions`), a longer text
+    position table cut to the model's rows, prediction heads of the wrong size ignored, and
+    heads the file lacks left to model.init. Everything else must fit exactly
+    (`load_released_state_dict` says what does not)."""
+    from megatron_style.model.embeddings import resize_vision_positions
+    sd = _unwrap(sd)
+    own = model.state_dict()
+    bare = not hasattr(model, "beit3")
+    cfg = getattr(model, "cfg", None)
+    report: list[str] = []
+    ignored: dict[str, list[str]] = {}
+    kept: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        why = next((w for pat, w in _NOT_PRETRAINING if pat.match(k)), None)
+        if why is None:
+            kept[k] = v
+        else:
+            ignored.setdefault(why, []).append(k)
+    for why, keys in ignored.items():
+        report.append(f"ignored {_shown(keys)}: {why}")
+    for k in list(kept):
+        first = k.split(".", 1)[0]
+        if first in _HEADS:
+            if bare:
+                continue  # heads are not an encoder's business (load_released_state_dict)
+            ours = f"{_HEADS[first]}.{k.split('.', 1)[1]}"
+        else:
+            body = k[len("beit3."):] if k.startswith("beit3.") else k
+            ours = _to_ours(body)
+            if ours is None:
+                continue
+            ours = ours if bare else f"beit3.{ours}"
+        if ours not in own or tuple(kept[k].shape) == tuple(own[ours].shape):
+            continue
+        v, want = kept[k], tuple(own[ours].shape)
+        if ours.endswith("pos_vision.weight") and cfg is not None and v.dim() == 2:
+            g0 = math.isqrt(max(0, v.shape[0] - POSITION_OFFSET - 1))
+            try:
+                kept[k] = resize_vision_positions(v, cfg.grid)
+            except ValueError:
+                continue  # not a square grid: the shape mismatch is reported by the loader
+            report.append(f"interpolated {k}: {g0}x{g0} -> {cfg.grid}x{cfg.grid} patches "
+                          f"({v.shape[0]} -> {want[0]} rows; bicubic, the {POSITION_OFFSET + 1} "
+                          "leading rows kept, as unilm's load_model_and_may_interpolate)")
+        elif ours.endswith("pos_text.weight") and v.dim() == 2 and v.shape[0] > want[0] \
+                and v.shape[1:] == want[1:]:
+            kept[k] = v[:want[0]].clone()
+            report.append(f"cut {k} from {v.shape[0]} to {want[0]} rows (model.max_text_len="
+                          f"{want[0] - POSITION_OFFSET}): positions beyond the model's longest "
+                          "text are dropped")
+        elif ours.split(".", 1)[0] in _HEADS.values():
+            del kept[k]
+            report.append(f"ignored {k}: its shape {tuple(v.shape)} does not fit the model's "
+                          f"{ours} {want}; that head is drawn by model.init instead")
+    if not bare:
+        have = {f"{_HEADS[k.split('.', 1)[0]]}.{k.split('.', 1)[1]}" for k in kept
+                if k.split(".", 1)[0] in _HEADS}
+        created = sorted(k for k in own if k.split(".", 1)[0] in _HEADS.values() and k not in have)
+        if created:
+            how = f"model.init={cfg.init}" if cfg is not None else "the model's init"
+            report.append(f"created {_shown(created)}: no prediction head in the file (released "
+                          f"pretrained files have none); drawn by {how}")
+    return kept, report
 
 
 def load_released_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor],

@@ -73,8 +73,9 @@ def summary_text(preset: Optional[str], overrides: dict, text_len: int) -> str:
     lines += [f"  {g:<26}{_size(n):>10}  {n:>14,}" for g, n in groups.items()]
     lines.append(f"  {'total':<26}{_size(total):>10}  {total:>14,}")
     lines.append(f"training FLOPs per sample (3 x forward; heads on masked positions: "
-                 f"{m.image_ratio:.0%} of patches, {m.text_ratio:.0%} of a text, "
-                 f"{m.pair_text_ratio:.0%} of a pair's text):")
+                 f"{m.image_ratio:.0%} of an image's patches, {m.pair_image_ratio:.0%} of a "
+                 f"pair's, {m.text_ratio:.0%} of a text, {m.pair_text_ratio:.0%} of a pair's "
+                 "text):")
     img, txt = cfg.image_tokens, text_len
     for kind, what in (("image", f"{img} tokens"), ("text", f"{txt} tokens"),
                        ("pair", f"{img} + {txt} tokens")):

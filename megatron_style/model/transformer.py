@@ -20,6 +20,7 @@ from megatron_style.batch import (LANGUAGE, POSITION_OFFSET, VISION, VL, PackedB
                                   validate_packed)
 from megatron_style.model.block import MultiwayBlock
 from megatron_style.model.embeddings import PositionTable, VisionEmbedding
+from megatron_style.model.init import init_rule
 from megatron_style.model.layout import TokenLayout
 from megatron_style.model.ways import ways_norm, zero_tie
 from megatron_style.parallel.layers import VocabParallelEmbedding
@@ -32,11 +33,12 @@ class MultiwayTransformer(nn.Module):
         cfg.validate()
         dispatch.set_mode(cfg.kernels)
         self.cfg, self.tp = cfg, tp
-        D, std = cfg.dim, cfg.init_std
-        self.text_embed = VocabParallelEmbedding(cfg.text_vocab_size, D, tp, init_std=std)
+        D, rule = cfg.dim, init_rule(cfg)
+        self.text_embed = VocabParallelEmbedding(cfg.text_vocab_size, D, tp, init_std=rule.std,
+                                                 init_cut=rule.cut)
         self.vision_embed = VisionEmbedding(cfg)
-        self.pos_vision = PositionTable(cfg.image_tokens + POSITION_OFFSET, D, std)
-        self.pos_text = PositionTable(cfg.max_text_len + POSITION_OFFSET, D, std)
+        self.pos_vision = PositionTable(cfg.image_tokens + POSITION_OFFSET, D, rule.std, rule.cut)
+        self.pos_text = PositionTable(cfg.max_text_len + POSITION_OFFSET, D, rule.std, rule.cut)
         self.layers = nn.ModuleList(MultiwayBlock(cfg, i, tp) for i in range(cfg.layers))
         # Output norm, one per modality (vision, language), as in the released checkpoints.
         self.final_norm = nn.ModuleList(nn.LayerNorm(D, eps=cfg.ln_eps) for _ in range(2))

@@ -12,7 +12,6 @@ checkpoint converters know how to merge it. Tags are set only when the layer is 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -46,9 +45,12 @@ def even_shard(n: int, tp: Optional[TPGroup], what: str) -> int:
     return n // size
 
 
-def init_trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
-    # Truncated at +-2 std as BEiT and timm do (a = -std, b = std would be +-1 std).
-    return nn.init.trunc_normal_(t, mean=0.0, std=std, a=-2 * std, b=2 * std)
+def init_trunc_normal_(t: torch.Tensor, std: float, cut: float = 2.0) -> torch.Tensor:
+    """Normal(0, std) truncated to [-cut * std, cut * std]. BEiT draws with cut 1 (its
+    trunc_normal_ passes a = -std, b = std: values in [-0.02, 0.02]); torchscale's Sub-LN rule
+    uses cut 2. (timm's own default, a = -2, b = 2 in absolute units, is no cut at std 0.02.)
+    The model picks the cut (model/init.py)."""
+    return nn.init.trunc_normal_(t, mean=0.0, std=std, a=-cut * std, b=cut * std)
 
 
 def _mark(p: nn.Parameter, dim: Optional[int], tp: Optional[TPGroup]) -> nn.Parameter:
@@ -68,7 +70,7 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  tp: Optional[TPGroup] = None, init_std: float = 0.02, init_scale: float = 1.0,
-                 gather_output: bool = False):
+                 gather_output: bool = False, init_cut: float = 2.0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.tp, self.gather_output = tp, gather_output
@@ -77,7 +79,8 @@ class ColumnParallelLinear(nn.Module):
             # all_gather needs equal slices; vocabulary heads (uneven) never gather anyway.
             raise ValueError(f"gather_output needs out_features ({out_features}) divisible by "
                              f"the tensor-parallel size {tp_size(tp)}")
-        full = init_trunc_normal_(torch.empty(out_features, in_features), init_std) * init_scale
+        full = init_trunc_normal_(torch.empty(out_features, in_features), init_std,
+                                  init_cut) * init_scale
         self.weight = _mark(nn.Parameter(full[self.start:self.end].clone()), 0, tp)
         self.bias = _mark(nn.Parameter(torch.zeros(self.end - self.start)), 0, tp) if bias else None
 
@@ -94,12 +97,14 @@ class RowParallelLinear(nn.Module):
     partial products are summed across ranks, then the (replicated) bias is added."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 tp: Optional[TPGroup] = None, init_std: float = 0.02, init_scale: float = 1.0):
+                 tp: Optional[TPGroup] = None, init_std: float = 0.02, init_scale: float = 1.0,
+                 init_cut: float = 2.0):
         super().__init__()
         self.in_features, self.out_features, self.tp = in_features, out_features, tp
         local = even_shard(in_features, tp, "input features of a row-parallel linear")
         self.start, self.end = tp_rank(tp) * local, (tp_rank(tp) + 1) * local
-        full = init_trunc_normal_(torch.empty(out_features, in_features), init_std) * init_scale
+        full = init_trunc_normal_(torch.empty(out_features, in_features), init_std,
+                                  init_cut) * init_scale
         self.weight = _mark(nn.Parameter(full[:, self.start:self.end].clone()), 1, tp)
         self.bias = _mark(nn.Parameter(torch.zeros(out_features)), None, tp) if bias else None
 
@@ -120,11 +125,11 @@ class VocabParallelEmbedding(nn.Module):
     and the partial lookups are summed across ranks."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, tp: Optional[TPGroup] = None,
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, init_cut: float = 2.0):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.tp = num_embeddings, embedding_dim, tp
         self.start, self.end = shard_range(num_embeddings, tp)
-        full = init_trunc_normal_(torch.empty(num_embeddings, embedding_dim), init_std)
+        full = init_trunc_normal_(torch.empty(num_embeddings, embedding_dim), init_std, init_cut)
         self.weight = _mark(nn.Parameter(full[self.start:self.end].clone()), 0, tp)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -169,8 +174,3 @@ def sharded_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     var = all_reduce_sum_tp((xc * xc).sum(-1, keepdim=True), tp) / full_dim
     y = xc * torch.rsqrt(var + eps)
     return (y * weight.float() + bias.float()).to(x.dtype)
-
-
-def sublayer_init_scale(layers: int) -> float:
-    """Sub-LN (Magneto) scales fc1, fc2, v_proj and out_proj by sqrt(log(2N)) at init."""
-    return math.sqrt(math.log(2 * layers))

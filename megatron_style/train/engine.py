@@ -44,17 +44,22 @@ import torch.nn as nn
 
 from megatron_style.config import PretrainConfig
 
-# Parameters that AdamW must not decay: norms, biases, embeddings and learned tokens.
-_NO_DECAY_SUFFIXES = ("cls_token", "mask_token", "text_embed.weight", "pos_vision.weight",
-                      "pos_text.weight")
+# Besides norms and biases (every 1-D parameter), AdamW does not decay what unilm's BEiT,
+# BEiT v2 and BEiT-3 code exempt (`no_weight_decay`: the CLS token and the vision position
+# table) and, with optim.decay_embeddings false, the text embedding, the text position table
+# and the mask token too (which unilm decays).
+_NO_DECAY_UNILM = ("cls_token", "pos_vision.weight")
+_NO_DECAY_EMBEDDINGS = ("mask_token", "text_embed.weight", "pos_text.weight")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float,
+                 decay_embeddings: bool = True) -> list[dict[str, Any]]:
+    exempt = _NO_DECAY_UNILM + (() if decay_embeddings else _NO_DECAY_EMBEDDINGS)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.endswith(_NO_DECAY_SUFFIXES):
+        if p.ndim < 2 or name.endswith(exempt):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -156,10 +161,13 @@ def build_optimizer(model: nn.Module, cfg: PretrainConfig, device: torch.device)
     o = cfg.optim
     base, extra = _optimizer_class(o.impl, device)
     cls = type(f"Skippable{base.__name__}", (SkippableStep, base), {})
-    return cls(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, **extra)
+    return cls(param_groups(model, o.weight_decay, o.decay_embeddings), lr=o.lr,
+               betas=tuple(o.betas), eps=o.eps, **extra)
 
 
-def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
+def deepspeed_config(cfg: PretrainConfig, grad_accum: Optional[int] = None) -> dict[str, Any]:
+    """`grad_accum`: micro-batches per step on each rank, as the run's batch plan derived it
+    (train/batch_plan.py); default parallel.grad_accum."""
     p = cfg.parallel
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage >= 2:
@@ -167,7 +175,7 @@ def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
     ds: dict[str, Any] = {
         # One DeepSpeed "sample" is one packed micro-batch of data.micro_batch_size samples.
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": p.grad_accum,
+        "gradient_accumulation_steps": p.grad_accum if grad_accum is None else grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": p.precision == "bf16"},
@@ -191,7 +199,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_engine(model: nn.Module, cfg: PretrainConfig, device: torch.device, mpu: Optional[Any] = None):
+def build_engine(model: nn.Module, cfg: PretrainConfig, device: torch.device, mpu: Optional[Any] = None,
+                 grad_accum: Optional[int] = None):
     import deepspeed
 
     if cfg.parallel.zero_stage == 3:
@@ -210,7 +219,8 @@ def build_engine(model: nn.Module, cfg: PretrainConfig, device: torch.device, mp
     base._update_vetoed = True
     try:
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=base,
-                                                       config=deepspeed_config(cfg), mpu=mpu)
+                                                       config=deepspeed_config(cfg, grad_accum),
+                                                       mpu=mpu)
     finally:
         base._update_vetoed = False
     return engine, optimizer

@@ -50,6 +50,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     try:
         cfg = load_config(args.config, overrides)
+        if args.print_config:  # the recipe as it stands; its files need not exist here
+            from megatron_style.config import dump_yaml
+            print(dump_yaml(cfg))
+            return exit_codes.OK
         # Imported after the signal handlers: torch and webdataset take a second to import,
         # and a stop signal in that second must be kept, not fatal.
         from megatron_style.train.preflight import preflight
@@ -57,10 +61,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"ConfigError: {e}", file=sys.stderr, flush=True)
         return exit_codes.BAD_CONFIG
-    if args.print_config:
-        from megatron_style.config import dump_yaml
-        print(dump_yaml(cfg))
-        return exit_codes.OK
     return run(cfg, stop)
 
 

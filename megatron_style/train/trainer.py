@@ -1,6 +1,7 @@
 """The training loop: batches in, DeepSpeed steps, metrics, guards, checkpoints, preemption.
 
-One step = grad_accum micro-batches on every data-parallel rank:
+One step = the batch plan's accumulation of micro-batches on every data-parallel rank
+(train/batch_plan.py: the global batch over the ranks at hand):
     batch (CPU, packed by the loader) -> device -> visual targets (frozen tokenizer, on device)
     -> model (masked data modeling loss) -> engine.backward -> engine.step
 Before the step's last engine.step() the ranks exchange one small tensor (non-finite flag,
@@ -62,13 +63,22 @@ class Trainer:
             # resume on another number of data-parallel ranks (checkpoint/universal.py).
             from megatron_style.checkpoint.universal import universal_checkpoint_info
             self.model.universal_checkpoint_info = universal_checkpoint_info(self.model)
+        # What init_from loaded, ignored, resized and left to model.init (logged at start-up).
+        self.init_report: list[str] = []
         if cfg.checkpoint.init_from:
             from megatron_style.checkpoint.model_files import load_model_file
-            load_model_file(self.model, cfg.checkpoint.init_from)
+            self.init_report = load_model_file(self.model, cfg.checkpoint.init_from)
         torch.manual_seed(cfg.seed + 1000 * self.dp_rank + 1)
         if cfg.parallel.activation_checkpointing:
             self.model.beit3.checkpoint_fn = _checkpoint_block
-        self.engine, self.optimizer = build_engine(self.model, cfg, device, self.mpu)
+        # The accumulation is fixed when the engine is built, so the global batch is settled
+        # first: the recipe's, or the one the checkpoint to resume from was trained with.
+        from megatron_style.checkpoint.resume import saved_global_batch
+        from megatron_style.train.batch_plan import plan_batch
+        saved, saved_at = saved_global_batch(cfg.checkpoint.resume, cfg.checkpoint.dir)
+        self.batch, self.batch_note = plan_batch(cfg, self.dp_world, saved, saved_at)
+        self.engine, self.optimizer = build_engine(self.model, cfg, device, self.mpu,
+                                                   grad_accum=self.batch.grad_accum)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
             cfg.parallel.precision]
         self.visual_tokenizer = self._build_visual_tokenizer()
@@ -147,7 +157,8 @@ class Trainer:
             self.run_id = on_rank0(lambda: uuid.uuid4().hex[:12])
         self.saved_step = self.step
         self.writer = CheckpointWriter(self.engine, ck.dir, ck.keep_last, self.run_id,
-                                       ck.init_from, self._log)
+                                       ck.init_from, self._log,
+                                       global_batch=self.batch.global_batch)
         return found.tag_dir if found is not None else None
 
     def save(self) -> Optional[str]:
@@ -200,7 +211,7 @@ class Trainer:
         t_last, steps_since = time.perf_counter(), 0
         exit_code = EXIT_OK
         peak = device_peak_tflops(self.device, cfg.logging.peak_tflops)
-        gas = cfg.parallel.grad_accum
+        gas = self.batch.grad_accum
         last = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.steps
         lg = cfg.logging
         prof = StepProfiler(lg.profile_at_step, lg.profile_steps, lg.profile_ranks, lg.dir,
@@ -360,19 +371,17 @@ class Trainer:
         n_params = self._global_parameter_count()  # collective: every rank takes part
         if self.rank != 0:
             return
-        from megatron_style.batch import KIND_NAMES
-        counts = self.cfg.data.stream_counts()
-        micro = self.cfg.data.micro_batch_size
-        per_step = micro * self.cfg.parallel.grad_accum * self.dp_world
         lines = [
             f"megatron_style pretraining: {self.world} rank(s) ({self.dp_world} data-parallel x "
             f"{self.world // self.dp_world} tensor-parallel), device {self.device}, "
             f"{self.cfg.parallel.precision}, ZeRO-{self.cfg.parallel.zero_stage}",
             f"model: {n_params / 1e6:.1f}M parameters ({self.cfg.model.layers} layers, dim "
             f"{self.cfg.model.dim}, {self.cfg.model.attention} attention, {self.cfg.model.vl_layers} VL layers)",
-            f"batch: {per_step} samples per step ({', '.join(f'{counts[k]} {k}' for k in KIND_NAMES)} "
-            f"per micro-batch x {self.cfg.parallel.grad_accum} accumulation x {self.dp_world} ranks)",
+            self.batch.describe(),
         ]
+        if self.batch_note:
+            lines.append(self.batch_note)
+        lines += self.init_report
         lines.append(f"resumed from {resumed} at step {self.step}" if resumed else "starting from scratch")
         for line in lines:
             self._log(line)

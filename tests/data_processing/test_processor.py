@@ -41,23 +41,33 @@ def test_demo_end_to_end_kmeans(tiny_pretrain):
     assert [s.kind for s in samples[:3]] == [KIND_IMAGE, KIND_TEXT, KIND_PAIR]
     for s in samples:
         assert s.image_targets is None and s.tokenizer_image is None
-        if s.image is not None:
-            assert s.image.shape == (3, 32, 32) and int(s.image_mask.sum()) == 6
+        if s.image is not None:  # pair images are seen whole (data.masking.pair_image_ratio 0)
+            hidden = 0 if s.kind == KIND_PAIR else 6
+            assert s.image.shape == (3, 32, 32) and int(s.image_mask.sum()) == hidden
         if s.text is not None:
             assert s.text[0] == tok.bos_id and s.text[-1] == tok.eos_id and s.text_mask.any()
-            assert torch.equal(s.text[s.text_mask], torch.full_like(s.text[s.text_mask], tok.mask_id))
+            # BERT's mode: a hidden token is <mask>, a random one or itself; the rest unchanged
             assert torch.equal(s.text[~s.text_mask], s.text_targets[~s.text_mask])
     b, out = forward(cfg, samples, build_visual_tokenizer(cfg))
     metrics = out.stream_metrics()
-    assert {"loss/image", "loss/text", "loss/pair_image", "loss/pair_text"} <= set(metrics)
-    assert b.image_targets.shape == (6 * 6,) and int(b.image_targets.max()) < 256
+    assert {"loss/image", "loss/text", "loss/pair_text"} <= set(metrics)
+    assert "loss/pair_image" not in metrics
+    assert b.image_targets.shape == (3 * 6,) and int(b.image_targets.max()) < 256
+
+    cfg = tiny_pretrain("data.masking.text_mode=mask", "data.masking.pair_image_ratio=0.4")
+    for s in demo_batch(cfg, SampleProcessor(cfg, tok)):
+        if s.image is not None:
+            assert int(s.image_mask.sum()) == 6
+        if s.text is not None:
+            assert torch.equal(s.text[s.text_mask], torch.full_like(s.text[s.text_mask], tok.mask_id))
 
 
 def test_end_to_end_pixels_and_vqkd(tiny_pretrain, tmp_path):
     cfg = tiny_pretrain("model.visual_target=pixels", "data.tokenizer.visual=pixels")
     proc = SampleProcessor(cfg, build_text_tokenizer(cfg))
     b, _ = forward(cfg, demo_batch(cfg, proc, n=2), build_visual_tokenizer(cfg))
-    assert b.image_targets.shape == (4 * 6, 192) and b.image_targets.dtype == torch.float32
+    # 2 images x 6 hidden patches; the 2 pairs' images are not masked
+    assert b.image_targets.shape == (2 * 6, 192) and b.image_targets.dtype == torch.float32
 
     from test_visual_tokenizers import CODES, vqkd_state
     torch.save({"model": vqkd_state(grid=2)}, tmp_path / "vqkd.pth")

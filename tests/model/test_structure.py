@@ -39,7 +39,8 @@ def _trunc_normal_std(std):
 def test_init_std_and_subln_scaling():
     """Weights ~ truncated N(0, init_std); fc1, fc2, v_proj and out_proj scaled by
     sqrt(log(2 * layers)) (Sub-LN / Magneto); LayerNorms 1 and 0, linear biases 0."""
-    cfg = model_config("tiny", layers=6, dim=128, ffn_dim=256, heads=4, init_std=0.02)
+    cfg = model_config("tiny", layers=6, dim=128, ffn_dim=256, heads=4, init_std=0.02,
+                       init="subln")  # the paper's BEiT init: tests/model/test_beit_init.py
     model = MultiwayTransformer(cfg)
     scale = math.sqrt(math.log(2 * cfg.layers))
     base = _trunc_normal_std(cfg.init_std)

@@ -105,7 +105,7 @@ def demo_kmeans_tokenizer(cfg: "PretrainConfig") -> KMeansTokenizer:
         src = DemoSource(m.img_size, KMEANS_SEED)
         rng = np.random.default_rng(KMEANS_SEED)
         views = (augment(src.sample("image", i).image, m.img_size, None, d.crop_scale,
-                         d.image.flip, d.color_jitter, rng)[0] for i in range(n_images))
+                         d.flips("image"), d.color_jitter, rng)[0] for i in range(n_images))
         train_kmeans_tokenizer(views, m.patch_size, m.visual_vocab_size, cells=cells,
                                seed=KMEANS_SEED).save(tmp)
 

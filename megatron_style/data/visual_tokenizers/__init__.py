@@ -26,9 +26,11 @@ __all__ = ["VisualTokenizer", "KMeansTokenizer", "PixelTargets", "VQKDTokenizer"
 
 
 def tokenizer_input_size(cfg: "PretrainConfig") -> Optional[int]:
-    """Resolution of the images the visual tokenizer reads when it is not the model's own
-    (VQ-KD has patch 16, so a grid of g patches needs 16 g pixels); None otherwise."""
+    """Resolution of the tokenizer's own view of each image, or None when it reads the model's.
+    VQ-KD always gets its own view, as BEiT v2 prepares it: the same crop resized with lanczos
+    and left in [0, 1], at 16 g pixels for a grid of g patches (its patch is 16): 224 px for
+    base's 14 x 14 grid, 256 px for the giant's 16 x 16 (that resolution is our assumption: the
+    paper does not say how VQ-KD met the giant's patch-14 grid)."""
     if cfg.data.tokenizer.visual != "vqkd":
         return None
-    size = cfg.model.grid * VQKD_PATCH_SIZE
-    return None if size == cfg.model.img_size else size
+    return cfg.model.grid * VQKD_PATCH_SIZE

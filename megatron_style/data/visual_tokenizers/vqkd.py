@@ -18,7 +18,13 @@ a dict with the weights under "model"):
     quantize.embedding.weight
 plus the decoder, the decoder's task layer, EMA statistics and teacher weights, which
 tokenizing does not use and are skipped. The encoder was trained at 224px (14 x 14 patches);
-for another grid its position table is resized once, bicubically, at load time.
+for another grid its position table is resized once at load time, exactly as BEiT v2's
+`interpolate_pos_encoding` does at every forward: bicubic with scale_factor (g + 0.1) / 14
+(not size=g: the sampling positions differ).
+
+Under a run (`model_img_size` given) the tokenizer reads its own view of each image, the
+`tokenizer_images` in [0, 1] resized with lanczos (data/transforms.py), as in BEiT v2, also
+when its resolution is the model's.
 """
 from __future__ import annotations
 
@@ -133,7 +139,9 @@ class VQKDTokenizer(VisualTokenizer):
         self.input_size, self.patch_size = img_size, patch_size
         self.grid = img_size // patch_size
         self.vocab_size = n_codes
-        self.needs_tokenizer_images = model_img_size is not None and model_img_size != img_size
+        # In a run, always its own (lanczos) view, as BEiT v2 prepares it; called alone
+        # (model_img_size None), it may read the model's view at its resolution.
+        self.needs_tokenizer_images = model_img_size is not None
         self.encoder = VQKDEncoder(self.grid, patch_size, dim, depth, heads,
                                    int(dim * mlp_ratio), layer_scale)
         self.encode_task_layer = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(),
@@ -150,8 +158,9 @@ class VQKDTokenizer(VisualTokenizer):
         if tokenizer_images is not None:
             x = tokenizer_images * 2.0 - 1.0  # [0, 1] -> [-1, 1]
         elif self.needs_tokenizer_images:
-            raise ValueError(f"VQ-KD reads {self.input_size}px images but the model's are "
-                             f"{images.shape[-1]}px: pass the batch's tokenizer_images")
+            raise ValueError(f"VQ-KD reads its own {self.input_size}px view of each image (as "
+                             f"BEiT v2 prepares it), not the model's {images.shape[-1]}px one: "
+                             "pass the batch's tokenizer_images")
         else:
             x = images  # the model's view is normalised to [-1, 1] already
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
@@ -246,11 +255,16 @@ def load_vqkd(path: str, grid: Optional[int] = None, heads: Optional[int] = None
 
 
 def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
-    """[1, 1 + g0^2, D] -> [1, 1 + grid^2, D]: the CLS row kept, the patch rows resized
-    bicubically as an image."""
+    """[1, 1 + g0^2, D] -> [1, 1 + grid^2, D] as BEiT v2's `interpolate_pos_encoding`: the CLS
+    row kept, the patch rows resized bicubically as an image with scale_factor (g + 0.1) / g0
+    (DINO's 0.1 guards the floor of the output size). A scale factor, not a size: PyTorch then
+    samples at positions scaled by g0 / (g + 0.1), where size=g would use g0 / g."""
     cls, patches = pos[:, :1], pos[:, 1:]
     g0 = math.isqrt(patches.shape[1])
     D = patches.shape[-1]
     img = patches.reshape(1, g0, g0, D).permute(0, 3, 1, 2).float()
-    img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False)
+    scale = (grid + 0.1) / g0
+    img = F.interpolate(img, scale_factor=(scale, scale), mode="bicubic", align_corners=False)
+    if tuple(img.shape[-2:]) != (grid, grid):  # cannot happen for g, g0 >= 1; said if it does
+        raise ValueError(f"VQ-KD position table resized to {tuple(img.shape[-2:])}, not {grid}")
     return torch.cat([cls, img.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos.dtype)], 1)

@@ -78,7 +78,7 @@ def images_per_worker(args: argparse.Namespace) -> float:
     t0 = time.perf_counter()
     for b in blobs:
         processor.image_views(Image.open(io.BytesIO(b)), rng, "image")
-        processor.image_masker(rng)
+        processor.image_maskers["image"](rng)
     rate = len(blobs) / (time.perf_counter() - t0)
     kb = sum(map(len, blobs)) / len(blobs) / 1024
     print(f"[1] decode + augment + mask, one worker: {rate:.0f} images/s "
