@@ -6,7 +6,11 @@ where A is the vision way and B the language way. They map onto the `decoupled` 
     beit3.layers.3.attn.q_proj.1.weight
 The prediction heads are not part of torchscale; we write them as `mlm_head.*` (text) and
 `mim_head.*` (visual tokens) beside the `beit3.*` keys, and read files with or without them.
-Export after import reproduces every tensor exactly.
+The image-text contrastive heads of unilm's BEiT3ForRetrieval (the ITC-tuned and retrieval
+files: top-level `vision_head.weight`, `language_head.weight`, `logit_scale`) are ours under
+`itc.` (model/contrastive.py): a model with a ContrastiveHeads at attribute `itc` loads and
+exports them; a model without one ignores them, saying so. Export after import reproduces
+every tensor exactly.
 """
 from __future__ import annotations
 
@@ -38,6 +42,15 @@ _RULES: list[tuple[str, str]] = [
 ]
 _FIELDS = {"n": r"\d+", "p": "q|k|v|out", "t": "weight|bias", "f": "fc1|fc2", "W": "A|B", "w": "0|1"}
 _HEADS = {"mlm_head": "text_head", "mim_head": "image_head"}
+# Released (unilm BEiT3ForRetrieval) name -> ours, for the contrastive heads.
+_ITC = {"vision_head.weight": "itc.vision_head.weight",
+        "language_head.weight": "itc.language_head.weight",
+        "logit_scale": "itc.logit_scale"}
+_ITC_BACK = {v: k for k, v in _ITC.items()}
+
+
+def _has_itc(own: Mapping[str, torch.Tensor]) -> bool:
+    return any(k in own for k in _ITC_BACK)
 
 
 def _regex(template: str) -> "re.Pattern[str]":
@@ -84,6 +97,9 @@ def released_to_ours(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     sd = _unwrap(sd)
     out, unknown = {}, []
     for k, v in sd.items():
+        if k in _ITC:
+            out[_ITC[k]] = v
+            continue
         head = k.split(".", 1)
         if head[0] in _HEADS and len(head) == 2:
             out[f"{_HEADS[head[0]]}.{head[1]}"] = v
@@ -99,6 +115,8 @@ def released_to_ours(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Te
 
 def _released_name(ours: str, bare: bool) -> str:
     """Our parameter name (as in model.state_dict()) in the released layout, for messages."""
+    if not bare and ours in _ITC_BACK:
+        return _ITC_BACK[ours]
     first, _, rest = ours.partition(".")
     back_heads = {v: k for k, v in _HEADS.items()}
     if not bare and first in back_heads:
@@ -109,9 +127,11 @@ def _released_name(ours: str, bare: bool) -> str:
 
 
 # Keys of released files that are not part of a masked-data model, and why they are left out.
-# (unilm's BEiT3ForRetrieval / ITC tuning, and its fine-tuning task heads.)
+# (unilm's BEiT3ForRetrieval / ITC tuning, and its fine-tuning task heads.) The first entry
+# applies only to models without contrastive heads (`itc`), which load those keys instead.
+_ITC_KEYS = re.compile(r"^(logit_scale$|vision_head\.|language_head\.)")
 _NOT_PRETRAINING = [
-    (re.compile(r"^(logit_scale$|vision_head\.|language_head\.)"),
+    (_ITC_KEYS,
      "the image-text contrastive heads of the ITC-tuned and retrieval files (vision_head, "
      "language_head, logit_scale): masked data modeling has no use for them"),
     (re.compile(r"^(head\.|fc_norm\.|pooler\.)"),
@@ -130,8 +150,10 @@ def fit_released_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]
     (one line each): keys of retrieval / ITC / fine-tuning heads ignored, the vision position
     table resized to the model's grid as unilm does (`resize_vision_positions`), a longer text
     position table cut to the model's rows, prediction heads of the wrong size ignored, and
-    heads the file lacks left to model.init. Everything else must fit exactly
-    (`load_released_state_dict` says what does not)."""
+    heads the file lacks left to model.init. A model with contrastive heads (`itc`, see
+    model/contrastive.py) keeps the file's vision_head / language_head / logit_scale, or, when
+    the file has none (a pretrained file), reports them created by the init. Everything else
+    must fit exactly (`load_released_state_dict` says what does not)."""
     from megatron_style.model.embeddings import resize_vision_positions
     sd = _unwrap(sd)
     own = model.state_dict()
@@ -140,8 +162,10 @@ def fit_released_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]
     report: list[str] = []
     ignored: dict[str, list[str]] = {}
     kept: dict[str, torch.Tensor] = {}
+    itc = not bare and _has_itc(own)
     for k, v in sd.items():
-        why = next((w for pat, w in _NOT_PRETRAINING if pat.match(k)), None)
+        why = next((w for pat, w in _NOT_PRETRAINING
+                    if pat.match(k) and not (itc and pat is _ITC_KEYS)), None)
         if why is None:
             kept[k] = v
         else:
@@ -150,6 +174,8 @@ def fit_released_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]
         report.append(f"ignored {_shown(keys)}: {why}")
     for k in list(kept):
         first = k.split(".", 1)[0]
+        if k in _ITC:
+            continue  # loaded as they are; a wrong shape is the loader's to report
         if first in _HEADS:
             if bare:
                 continue  # heads are not an encoder's business (load_released_state_dict)
@@ -190,13 +216,23 @@ def fit_released_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]
             how = f"model.init={cfg.init}" if cfg is not None else "the model's init"
             report.append(f"created {_shown(created)}: no prediction head in the file (released "
                           f"pretrained files have none); drawn by {how}")
+    if itc:
+        absent = [r for r, o in _ITC.items() if o in own and r not in kept]
+        if absent:
+            how = f"model.init={cfg.init}" if cfg is not None else "the model's init"
+            report.append(f"created {_shown(absent)}: no contrastive heads in the file (only "
+                          f"the ITC-tuned and retrieval files have them); heads drawn by "
+                          f"{how}, logit_scale = log(1/0.07)")
     return kept, report
 
 
 def load_released_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor],
                              require_heads: bool = False) -> None:
-    """Load a released-layout state dict into a `decoupled` MaskedDataModel (or a bare
-    MultiwayTransformer). Raises ValueError listing missing, unexpected and mis-shaped keys."""
+    """Load a released-layout state dict into a `decoupled` MaskedDataModel, a
+    ContrastiveModel, any model with a `beit3` encoder and these heads, or a bare
+    MultiwayTransformer. Heads (mlm_head / mim_head, and vision_head / language_head /
+    logit_scale for a model with `itc`) may be absent unless `require_heads`; they then keep
+    their init. Raises ValueError listing missing, unexpected and mis-shaped keys."""
     cfg = getattr(model, "cfg", None)
     if cfg is not None and cfg.attention != "decoupled":
         raise ValueError(f"the released layout has per-modality attention; build the model with "
@@ -206,7 +242,8 @@ def load_released_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor],
     if bare:
         mapped = {k[len("beit3."):]: v for k, v in mapped.items() if k.startswith("beit3.")}
     own = model.state_dict()
-    optional = set() if require_heads or bare else {k for k in own if k.split(".")[0] in _HEADS.values()}
+    optional = set() if require_heads or bare else \
+        {k for k in own if k.split(".")[0] in _HEADS.values() or k in _ITC_BACK}
     # Messages use the released names: those are what the user's file holds.
     missing = sorted(_released_name(k, bare) for k in own if k not in mapped and k not in optional)
     unexpected = sorted(unknown + [_released_name(k, bare) for k in mapped if k not in own])
@@ -226,7 +263,9 @@ def load_released_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor],
 
 def export_released_state_dict(model: nn.Module, with_heads: bool = True) -> dict[str, torch.Tensor]:
     """Our decoupled model's weights in the released layout (keys `beit3.*`, `mlm_head.*`,
-    `mim_head.*`). Wrap as {"model": ...} to write a file the BEiT-3 fine-tuning code reads."""
+    `mim_head.*`, and `vision_head.weight`, `language_head.weight`, `logit_scale` for a model
+    with contrastive heads; `with_heads=False` writes the encoder alone). Wrap as
+    {"model": ...} to write a file the BEiT-3 fine-tuning code reads."""
     cfg = getattr(model, "cfg", None)
     if cfg is not None and cfg.attention != "decoupled":
         raise ValueError("only the decoupled layout has a released-checkpoint equivalent")
@@ -234,6 +273,10 @@ def export_released_state_dict(model: nn.Module, with_heads: bool = True) -> dic
     out = {}
     bare = not hasattr(model, "beit3")
     for k, v in model.state_dict().items():
+        if not bare and k in _ITC_BACK:
+            if with_heads:
+                out[_ITC_BACK[k]] = v
+            continue
         first, rest = k.split(".", 1)
         if not bare and first in back_heads:
             if with_heads:
@@ -245,3 +288,16 @@ def export_released_state_dict(model: nn.Module, with_heads: bool = True) -> dic
             raise ValueError(f"no released-layout name for parameter {k}")
         out[f"beit3.{rel}"] = v
     return out
+
+
+def export_retrieval_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights unilm's BEiT3ForRetrieval consists of, in its key names: `beit3.*` plus
+    `vision_head.weight`, `language_head.weight`, `logit_scale` (no MDM heads: that class has
+    none, and loads non-strictly, so extra keys would only be printed). Wrap as {"model": ...}
+    to write a file its `load_model_and_may_interpolate` loads with nothing missing. `model`
+    must have contrastive heads at `itc` (a ContrastiveModel, model/contrastive.py)."""
+    if not _has_itc(model.state_dict()) or not hasattr(model, "beit3"):
+        raise ValueError("the retrieval layout needs a model with an encoder `beit3` and "
+                         "contrastive heads `itc` (model.contrastive.ContrastiveModel)")
+    return {k: v for k, v in export_released_state_dict(model).items()
+            if k.startswith("beit3.") or k in _ITC}
