@@ -36,15 +36,16 @@ setup(
     entry_points={
         "console_scripts": [
             "beit3-pretrain=megatron_style.train.pretrain:main",
-            "beit3-evaluate=megatron_style.train.evaluate:main",
-            "beit3-plot=megatron_style.train.plot:main",
-            "beit3-run-summary=megatron_style.train.run_summary:main",
-            "beit3-export=megatron_style.train.export:main",
-            "beit3-summary=megatron_style.model.summary:main",
-            "beit3-make-shards=megatron_style.data.make_shards:main",
-            "beit3-train-tokenizer=megatron_style.data.train_tokenizer:main",
-            "beit3-convert-tp=megatron_style.checkpoint.convert_tp:main",
-            "beit3-memory-plan=megatron_style.model.memory_plan:main",
+            "beit3-evaluate=megatron_style.cli.evaluate:main",
+            "beit3-plot=megatron_style.cli.plot:main",
+            "beit3-run-summary=megatron_style.cli.run_summary:main",
+            "beit3-export=megatron_style.cli.export:main",
+            "beit3-summary=megatron_style.cli.summary:main",
+            "beit3-make-shards=megatron_style.cli.make_shards:main",
+            "beit3-train-tokenizer=megatron_style.cli.train_tokenizer:main",
+            "beit3-convert-tp=megatron_style.cli.convert_tp:main",
+            "beit3-memory-plan=megatron_style.cli.memory_plan:main",
+            "beit3-kernel-check=megatron_style.cli.kernel_check:main",
         ]
     },
 )

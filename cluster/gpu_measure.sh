@@ -31,7 +31,7 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: the
 status=0
 if [ "$stage" = kernels ] || [ "$stage" = all ]; then
   timeout 200 python3 -m pytest tests/kernels -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/kernel_gpu_tests.txt" || status=1
-  timeout 330 python3 -m kernels.bench --out "$out/kernels_table.md" 2>&1 | tee "$out/kernels_bench.log" || status=1
+  timeout 330 python3 -m megatron_style.benchmarks.kernels --out "$out/kernels_table.md" 2>&1 | tee "$out/kernels_bench.log" || status=1
 fi
 
 if [ "$stage" = giant ] || [ "$stage" = all ]; then
@@ -45,7 +45,7 @@ if [ "$stage" = giant ] || [ "$stage" = all ]; then
     [ "$kernels" = triton ] && args+=(logging.profile_at_step=26 logging.profile_steps=2)
     timeout 280 python3 -m megatron_style.train.pretrain "${args[@]}" 2>&1 | tee "$out/giant_$kernels.log" || status=1
   done
-  python3 -m megatron_style.train.run_summary "$out/giant_triton/metrics.jsonl" \
+  python3 -m megatron_style.cli.run_summary "$out/giant_triton/metrics.jsonl" \
     "$out/giant_reference/metrics.jsonl" --skip 10 --names "kernels on (triton),kernels off (reference)" \
     2>&1 | tee "$out/giant_table.md" || status=1
 fi

@@ -70,17 +70,9 @@ if [[ "${OVERRIDES:-}" == *[\"\']* ]]; then
 fi
 read -r -a overrides <<<"${OVERRIDES:-}"
 if [[ -n "${OVERRIDES_FILE:-}" ]]; then
-    if [[ ! -r "$OVERRIDES_FILE" ]]; then
-        echo "launch_deepspeed.sh: OVERRIDES_FILE '$OVERRIDES_FILE' cannot be read" >&2
-        exit 2
-    fi
-    while IFS= read -r line || [[ -n "$line" ]]; do
-        line="${line%$'\r'}"
-        line="${line#"${line%%[![:space:]]*}"}"
-        line="${line%"${line##*[![:space:]]}"}"
-        [[ -z "$line" || "$line" == \#* ]] && continue
-        overrides+=("$line")
-    done <"$OVERRIDES_FILE"
+    # One reader for both launch scripts: megatron_style/cli/overrides_file.py.
+    mapfile -d '' -O "${#overrides[@]}" overrides < <(python -m megatron_style.cli.overrides_file "$OVERRIDES_FILE")
+    wait $! || { echo "launch_deepspeed.sh: OVERRIDES_FILE: see above" >&2; exit 2; }
 fi
 overrides+=("$@")
 read -r -a extra <<<"${DEEPSPEED_ARGS:-}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A Slurm on this machine, for the tests in tests/slurm/ and for trying cluster/pretrain.sh
+# A Slurm on this machine, for the tests in tests/cluster/ and for trying cluster/pretrain.sh
 # without a cluster: one node, or several nodes in network namespaces (LOCAL_SLURM_NODES).
 #
 #   cluster/local_slurm.sh start [DIR]   install packages if missing, start munged/slurmctld/slurmd

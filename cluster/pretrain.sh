@@ -87,18 +87,9 @@ if [[ "${OVERRIDES:-}" == *[\"\']* ]]; then
 fi
 read -r -a overrides <<<"${OVERRIDES:-}"
 if [[ -n "${OVERRIDES_FILE:-}" ]]; then
-    if [[ ! -r "$OVERRIDES_FILE" ]]; then
-        say "ERROR: OVERRIDES_FILE '$OVERRIDES_FILE' cannot be read (relative to $PWD)"
-        exit "$BAD_CONFIG"
-    fi
-    while IFS= read -r line || [[ -n "$line" ]]; do
-        line="${line%$'\r'}"
-        # Trim surrounding whitespace only: inside the line everything is kept as it is.
-        line="${line#"${line%%[![:space:]]*}"}"
-        line="${line%"${line##*[![:space:]]}"}"
-        [[ -z "$line" || "$line" == \#* ]] && continue
-        overrides+=("$line")
-    done <"$OVERRIDES_FILE"
+    # One reader for both launch scripts: megatron_style/cli/overrides_file.py.
+    mapfile -d '' -O "${#overrides[@]}" overrides < <(python -m megatron_style.cli.overrides_file "$OVERRIDES_FILE")
+    wait $! || { say "ERROR: OVERRIDES_FILE: see above"; exit "$BAD_CONFIG"; }
 fi
 overrides+=("$@")
 

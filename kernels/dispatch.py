@@ -11,6 +11,9 @@ plus `supports(fn, *tensors) -> bool` and `why_unsupported(fn, *tensors) -> str 
 dtype and shape limits). `auto` falls back to the reference when a kernel says no; `triton`
 raises with the kernel's reason instead, so a forced run never silently measures the reference.
 `backend(fn, *tensors)` says which one a call would take.
+
+`disable(fn, reason)` takes one kernel out of `auto` (the run's start-up self-check does this
+for a kernel that failed on this device: kernels/selfcheck.py); `triton` mode ignores it.
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ _TRITON_MODULES = {
     "masked_token_loss": "kernels.cross_entropy.triton_cross_entropy",
 }
 _loaded: dict[str, object] = {}
+# function name -> why `auto` must not use its Triton kernel in this process
+_disabled: dict[str, str] = {}
 
 
 def set_mode(m: str) -> None:
@@ -68,6 +73,32 @@ def mode(m: str) -> Iterator[None]:
         set_mode(old)
 
 
+def disable(fn: str, reason: str) -> None:
+    """From now on `auto` runs the reference for `fn` (`triton` mode still runs Triton: a forced
+    run must never silently measure the reference)."""
+    if fn not in _TRITON_MODULES:
+        raise ValueError(f"{fn!r} has no Triton kernel to disable; kernels: {sorted(_TRITON_MODULES)}")
+    _disabled[fn] = reason
+
+
+def enable(fn: Optional[str] = None) -> None:
+    """Undo `disable` for `fn`, or for every kernel when fn is None."""
+    if fn is None:
+        _disabled.clear()
+    else:
+        _disabled.pop(fn, None)
+
+
+def disabled() -> dict[str, str]:
+    """The disabled kernels and why (a copy)."""
+    return dict(_disabled)
+
+
+def triton_module(fn: str):
+    """The module holding `fn`'s Triton kernel, or the exception importing it raised."""
+    return _triton_module(fn)
+
+
 def _triton_module(fn: str):
     name = _TRITON_MODULES[fn]
     if name not in _loaded:
@@ -85,7 +116,7 @@ def _pick(fn: str, *args):
         return None
     if _mode == "auto" and not all(t.is_cuda for t in args if t is not None):
         return None  # decided before importing: Triton modules are only loaded when usable
-    if _mode == "auto" and args[0].dtype not in AUTO_DTYPES:
+    if _mode == "auto" and (args[0].dtype not in AUTO_DTYPES or fn in _disabled):
         return None
     mod = _triton_module(fn)
     if isinstance(mod, Exception):
@@ -110,7 +141,8 @@ def backend(fn: str, *args) -> str:
 
 
 def triton_available(fn: str) -> bool:
-    return not isinstance(_triton_module(fn), Exception)
+    """Whether `fn`'s Triton kernel imports and has not been disabled."""
+    return fn not in _disabled and not isinstance(_triton_module(fn), Exception)
 
 
 # --- the entry points the model calls ---------------------------------------------------------

@@ -8,7 +8,7 @@
     model                          <- config, batch, kernels, parallel
     checkpoint                     <- model, parallel, data (and what they build on)
     train                          <- checkpoint and everything below
-    cli                            <- anything
+    cli, benchmarks                <- anything below (nothing imports them)
 
 Every import counts, lazy ones inside functions included; imports under `if TYPE_CHECKING:`
 are annotations, not dependencies, and are skipped.
@@ -33,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "checkpoint": BASE | {"batch", "kernels", "parallel", "model", "data"},
     "train": BASE | {"batch", "kernels", "parallel", "model", "data", "checkpoint"},
     "cli": BASE | {"batch", "kernels", "parallel", "model", "data", "checkpoint", "train"},
+    "benchmarks": BASE | {"batch", "kernels", "parallel", "model", "data", "checkpoint", "train"},
     "package": set(),  # megatron_style/__init__.py
 }
 

@@ -37,7 +37,7 @@ def _gelu(z):
 
 @triton.autotune(
     configs=configs(
-        # 128 x 128 first: no register spills with the GELU epilogue (kernels.compile_report);
+        # 128 x 128 first: no register spills with the GELU epilogue (megatron_style.benchmarks.compile_report);
         # 128 x 256 spills ~250 bytes there but may still win on fc2 and dX.
         [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
          triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),

@@ -1,6 +1,6 @@
 """Compile every kernel for a GPU without having one: registers, spills, shared memory.
 
-    python -m kernels.compile_report [--arch 90] [--quick] [--only attn]
+    python -m megatron_style.benchmarks.compile_report [--arch 90] [--quick] [--only attn]
 
 Triton compiles ahead of time for a named target (ptxas ships with Triton), so on a CPU-only
 machine this catches GPU-only compile errors the interpreter cannot see, and shows whether

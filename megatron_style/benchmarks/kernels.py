@@ -1,7 +1,7 @@
 """Kernel microbenchmarks at the giant's shapes, as a markdown table for BENCHMARKS.md.
 
-    python -m kernels.bench [--out kernels.md] [--only attention,ffn,layernorm,ce]
-    python -m kernels.bench --smoke     # tiny shapes, CPU under TRITON_INTERPRET=1: checks the
+    python -m megatron_style.benchmarks.kernels [--out kernels.md] [--only attention,ffn,layernorm,ce]
+    python -m megatron_style.benchmarks.kernels --smoke     # tiny shapes, CPU under TRITON_INTERPRET=1: checks the
                                         # script runs; its timings mean nothing
 
 Every case times forward + backward (CUDA events through triton.testing.do_bench, median) of

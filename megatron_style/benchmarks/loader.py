@@ -1,7 +1,7 @@
 """How fast is the data path on this machine, and does it keep up with training?
 
-    python -m megatron_style.data.bench_loader                      # both measurements
-    python -m megatron_style.data.bench_loader --train-steps-per-s 1.8 --micro-batch-size 24
+    python -m megatron_style.benchmarks.loader                      # both measurements
+    python -m megatron_style.benchmarks.loader --train-steps-per-s 1.8 --micro-batch-size 24
 
 1. Per loader worker: images per second for JPEG decode + augmentation (random-resized-crop,
    flip) + block masking of patches, the image half of the sample processor, in one process.
@@ -120,7 +120,7 @@ def loader_samples_per_s(args: argparse.Namespace) -> float:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m megatron_style.data.bench_loader",
+    p = argparse.ArgumentParser(prog="python -m megatron_style.benchmarks.loader",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="base", help="model preset (image and patch size)")
     p.add_argument("--source-size", type=int, default=224, help="side of the JPEGs, pixels")

@@ -1,6 +1,6 @@
 """Forward + backward time of our decoupled model vs microsoft/torchscale's BEiT3 on CPU.
 
-    python -m megatron_style.model.bench_vs_torchscale [--layers 2] [--batch 8] [--repeats 5]
+    python -m megatron_style.benchmarks.vs_torchscale [--layers 2] [--batch 8] [--repeats 5]
 
 Both models hold the same weights (ours loaded from torchscale's state dict through the
 released-checkpoint mapping) and see the same inputs: a batch of images, a batch of padded

@@ -11,7 +11,7 @@ row range of each rank comes from `shard_range`, which also covers uneven vocabu
     sd = merge_tp([sd_rank0, sd_rank1], cfg)          # -> TP=1 layout
     shards = split_tp(sd, cfg, 4)                     # -> 4 per-rank state dicts
 
-Reading and writing files of either layout is `megatron_style/checkpoint/convert_tp.py`
+Reading and writing files of either layout is `megatron_style/checkpoint/convert_tp.py` (the command line: cli/convert_tp.py)
 (`beit3-convert-tp`).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Steady-state numbers of a run from its metrics.jsonl: one markdown table row per run.
 
-    python -m megatron_style.train.run_summary runs/giant/tensorboard/metrics.jsonl --skip 10
-    python -m megatron_style.train.run_summary a/metrics.jsonl b/metrics.jsonl --names triton,reference
+    beit3-run-summary runs/giant/tensorboard/metrics.jsonl --skip 10
+    beit3-run-summary a/metrics.jsonl b/metrics.jsonl --names triton,reference
 
 The first logged intervals carry start-up (autotuning, allocator warm-up, compilation), so
 `--skip` leaves out the log lines up to that step; what is left is summarised by its median,

@@ -18,7 +18,7 @@ from megatron_style.config.data import (PILLOW_BOMB_PIXELS, STREAMS, DataConfig,
 from megatron_style.config.errors import ConfigError
 from megatron_style.config.loading import (apply_overrides, dump_yaml, from_dict, load_config,
                                            model_config, parse_override, read_config_file,
-                                           to_dict)
+                                           read_overrides_file, to_dict)
 from megatron_style.config.model import MODEL_PRESETS, AttentionLayout, ModelConfig
 from megatron_style.config.pretrain import PretrainConfig
 from megatron_style.config.train import (CheckpointConfig, GuardConfig, LoggingConfig,
@@ -29,4 +29,4 @@ __all__ = ["ConfigError", "MODEL_PRESETS", "AttentionLayout", "ModelConfig", "ST
            "PILLOW_BOMB_PIXELS", "OptimConfig", "ParallelConfig", "CheckpointConfig",
            "LoggingConfig", "GuardConfig", "PretrainConfig", "load_config", "model_config",
            "from_dict", "to_dict", "dump_yaml", "parse_override", "apply_overrides",
-           "read_config_file"]
+           "read_config_file", "read_overrides_file"]

@@ -143,6 +143,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_overrides_file(path: str) -> list[str]:
+    """The overrides of an OVERRIDES_FILE (cluster/pretrain.sh, cluster/launch_deepspeed.sh):
+    one per line, taken as it is (no quoting, no expansion, so a value may hold spaces), the
+    line's surrounding whitespace and a Windows line end removed; blank lines and lines that
+    start with # skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"OVERRIDES_FILE {path!r} cannot be read (relative to {os.getcwd()}): "
+                          f"{e}") from None
+    return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")

@@ -65,6 +65,9 @@ class ModelConfig:
     visual_target: Literal["tokens", "pixels"] = "tokens"
     # Kernel dispatch: "auto" uses Triton on CUDA when available, "reference" forces PyTorch.
     kernels: Literal["auto", "triton", "reference"] = "auto"
+    # Before the first step, check the Triton kernels the run uses against their references on
+    # each rank's device (train/kernel_check.py); false skips that and trusts them.
+    kernel_check: bool = True
 
     @classmethod
     def expand(cls, data: dict[str, Any], key: str) -> dict[str, Any]:

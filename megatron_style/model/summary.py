@@ -1,7 +1,7 @@
 """Parameters by group and training FLOPs per sample of a model preset, from the built model.
 
-    python -m megatron_style.model.summary --preset giant [--text-len 64] [key=value ...]
-    python -m megatron_style.model.summary --dump-presets configs/model
+    beit3-summary --preset giant [--text-len 64] [key=value ...]
+    beit3-summary --dump-presets configs/model
 
 The model is built on the meta device (shapes without memory), so the 1.9B giant is summarised
 in seconds on a laptop. `--dump-presets` writes config.MODEL_PRESETS as one YAML file per
@@ -9,15 +9,13 @@ preset (tests/model/test_preset_files.py fails when those files drift from the p
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch.nn as nn
 import yaml
 
-from megatron_style.config import MODEL_PRESETS, ConfigError, MaskingConfig, model_config, parse_override
+from megatron_style.config import MODEL_PRESETS, MaskingConfig, model_config
 from megatron_style.model.flops import build_on_meta, sample_flops
 
 # Parameter groups, matched on the name's prefix (after an optional "beit3."); a parameter in
@@ -87,7 +85,7 @@ def summary_text(preset: Optional[str], overrides: dict, text_len: int) -> str:
 def render_preset(name: str) -> str:
     """configs/model/<name>.yaml: the preset's fields, readable, with where they come from."""
     header = (f"# Model preset {name!r}: a dump of megatron_style.config.MODEL_PRESETS[{name!r}].\n"
-              f"# Written by `python -m megatron_style.model.summary --dump-presets configs/model`;\n"
+              f"# Written by `beit3-summary --dump-presets configs/model`;\n"
               f"# edit the preset in config/model.py and re-run it (a test fails when they differ).\n"
               f"# Use in a recipe as `model: {{preset: {name}}}`, or these keys under `model:`.\n")
     return header + yaml.safe_dump(dict(MODEL_PRESETS[name]), sort_keys=False)
@@ -102,40 +100,3 @@ def dump_presets(directory: str) -> list[str]:
             f.write(render_preset(name))
         paths.append(path)
     return paths
-
-
-def _overrides(items: Sequence[str]) -> dict:
-    out = {}
-    for item in items:
-        path, value = parse_override(item)
-        if path[0] == "model":
-            path = path[1:]
-        if len(path) != 1:
-            raise ConfigError(f"override {item!r}: expected a model field, e.g. layers=4")
-        out[path[0]] = value
-    return out
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="beit3-summary", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(MODEL_PRESETS), default=None,
-                    help="model preset (default: the ModelConfig defaults)")
-    ap.add_argument("--text-len", type=int, default=64, help="text length for the FLOPs of a "
-                    "text and a pair (tokens)")
-    ap.add_argument("--dump-presets", metavar="DIR", help="write DIR/<preset>.yaml and exit")
-    ap.add_argument("overrides", nargs="*", help="model fields, e.g. layers=4 dim=512")
-    a = ap.parse_args(argv)
-    if a.dump_presets:
-        for p in dump_presets(a.dump_presets):
-            print(p)
-        return 0
-    try:
-        print(summary_text(a.preset, _overrides(a.overrides), a.text_len))
-    except ValueError as e:  # ConfigError included: a bad override or text length
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

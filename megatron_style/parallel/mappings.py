@@ -11,7 +11,7 @@ are the identity, so the single-process model runs through the same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -57,47 +57,33 @@ def _gather_last(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
+def _conjugate(name: str, forward: Callable, backward: Callable) -> type:
+    """An autograd Function that applies `forward(x, tp)` and, to the gradient,
+    `backward(g, tp)`: a TP region's mappings come in conjugate pairs (copy <-> reduce,
+    scatter <-> gather), each the other's backward."""
+    def fwd(ctx, x, tp):
         ctx.tp = tp
-        return x
+        return forward(x, tp)
 
-    @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g.clone(), ctx.tp), None
+    def bwd(ctx, g):
+        return backward(g, ctx.tp), None
 
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        return _all_reduce(x.clone(), tp)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _split_last(x, tp)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather_last(g, ctx.tp), None
+def _identity(x: torch.Tensor, tp: Optional[TPGroup]) -> torch.Tensor:
+    return x
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _gather_last(x, tp)
+def _reduce(x: torch.Tensor, tp: Optional[TPGroup]) -> torch.Tensor:
+    return _all_reduce(x.clone(), tp)  # in place on a copy: x may be saved for a backward
 
-    @staticmethod
-    def backward(ctx, g):
-        return _split_last(g, ctx.tp), None
+
+_CopyToTP = _conjugate("_CopyToTP", _identity, _reduce)
+_ReduceFromTP = _conjugate("_ReduceFromTP", _reduce, _identity)
+_ScatterToTP = _conjugate("_ScatterToTP", _split_last, _gather_last)
+_GatherFromTP = _conjugate("_GatherFromTP", _gather_last, _split_last)
 
 
 def copy_to_tp(x: torch.Tensor, tp: Optional[TPGroup]) -> torch.Tensor:

@@ -5,13 +5,11 @@ The demo's captions name colours, shapes, sizes and relations that only the imag
 the masked words are those. A model that learned to look gets them right with the true image
 and wrong with a swapped one: the gap between the two accuracies is the measure.
 
-    python -m megatron_style.train.evaluate runs/demo/checkpoints [--samples 256]
+    beit3-evaluate runs/demo/checkpoints [--samples 256]
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -74,45 +72,3 @@ def format_result(r: dict) -> str:
     return (f"masked caption-word accuracy on {r['pairs']} held-out pairs ({r['masked_tokens']} "
             f"masked tokens): true image {100 * r['acc_true_image']:.1f}%, swapped image "
             f"{100 * r['acc_swapped_image']:.1f}%, gap {r['gap_points']:.1f} points")
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="beit3-evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint.dir of a demo run, or one step directory")
-    p.add_argument("--samples", type=int, default=256, help="held-out pairs")
-    p.add_argument("--seed", type=int, default=1234)
-    args = p.parse_args(argv)
-
-    from megatron_style.data.build_tokenizers import build_text_tokenizer
-    from megatron_style.data.build_tokenizers import build_visual_tokenizer
-    from megatron_style.model.pretraining import MaskedDataModel
-    from megatron_style.checkpoint.directory import resolve
-    from megatron_style.checkpoint.fp32 import checkpoint_pretrain_config
-    from megatron_style.checkpoint.model_files import load_model_file
-
-    cfg = checkpoint_pretrain_config(os.path.join(*resolve(args.checkpoint)))
-    if cfg.data.source != "demo":
-        print("error: the caption evaluation uses the demo generator; this run trained on "
-              f"data.source={cfg.data.source!r}", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = MaskedDataModel(cfg.model)
-    load_model_file(model, args.checkpoint)
-    model.to(device).eval()
-    visual = build_visual_tokenizer(cfg).to(device).eval()
-
-    def prepare(b: PackedBatch) -> PackedBatch:
-        b = b.to(device)
-        if b.image_targets_pending:
-            b = b.with_image_targets(visual(b.images, b.tokenizer_images))
-        return b
-
-    result = caption_gap(lambda b: model(b).stats, cfg, build_text_tokenizer(cfg), prepare,
-                         args.samples, args.seed)
-    print(format_result(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

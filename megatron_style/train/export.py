@@ -1,7 +1,7 @@
 """Export a training checkpoint as one consolidated fp32 model file.
 
-    python -m megatron_style.train.export runs/demo/checkpoints --out demo_fp32.pt
-    python -m megatron_style.train.export runs/base/checkpoints/step_00100000 --layout released \
+    beit3-export runs/demo/checkpoints --out demo_fp32.pt
+    beit3-export runs/base/checkpoints/step_00100000 --layout released \
         --out beit3_base_pretrained.pth
 
 Our layout: {"model": state_dict, "config": <recipe YAML>, "step": N}. The released layout
@@ -12,18 +12,14 @@ files into a model (`checkpoint.init_from`) is checkpoint/model_files.py.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from typing import Optional
 
 import torch
 
 from megatron_style.checkpoint.directory import resolve
-from megatron_style.files import UnsafeFileError, save_torch
+from megatron_style.files import save_torch
 from megatron_style.checkpoint.fp32 import (checkpoint_meta, checkpoint_pretrain_config,
                                             consolidated_state_dict, export_fp32)
-from megatron_style.config import ConfigError
 
 
 def export(path: str, out: str, layout: str = "ours") -> str:
@@ -51,26 +47,3 @@ def export(path: str, out: str, layout: str = "ours") -> str:
     model.load_state_dict(sd, assign=True)
     save_torch({"model": export_released_state_dict(model)}, out)
     return out
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="beit3-export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint.dir of a run, or one step_XXXXXXXX directory in it")
-    p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--layout", choices=["ours", "released"], default="ours")
-    args = p.parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out, args.layout)
-    except (ValueError, ConfigError, UnsafeFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    # mmap: counting does not read the (possibly huge) file into memory
-    n = sum(v.numel() for v in torch.load(out, map_location="cpu", weights_only=True,
-                                          mmap=True)["model"].values())
-    print(f"wrote {out}: {n / 1e6:.1f}M parameters, {args.layout} layout")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,14 +1,11 @@
 """Training curves from a run's metrics.jsonl as one PNG: loss and masked-token accuracy per
 stream, learning rate, throughput. For a quick look without starting TensorBoard.
 
-    python -m megatron_style.train.plot runs/demo/tensorboard/metrics.jsonl --out demo.png
+    beit3-plot runs/demo/tensorboard/metrics.jsonl --out demo.png
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from typing import Optional
 
 STREAMS = ("image", "text", "pair_image", "pair_text")
 
@@ -57,22 +54,3 @@ def plot(rows: list[dict], out: str, title: str = "") -> str:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="beit3-plot", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("metrics", help="metrics.jsonl written by the trainer (in logging.dir)")
-    p.add_argument("--out", default="curves.png")
-    p.add_argument("--title", default="")
-    args = p.parse_args(argv)
-    rows = read_metrics(args.metrics)
-    if not rows:
-        print(f"error: {args.metrics} has no logged steps", file=sys.stderr)
-        return 2
-    print(f"wrote {plot(rows, args.out, args.title)} ({len(rows)} logged steps)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -90,7 +90,12 @@ def run(cfg: PretrainConfig, stop: StopRequest) -> int:
     except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt and SystemExit too
         fail(env.rank, e)
     watchdog.stop()
-    return code
+    # Everything the run writes is closed and durable by now, so the interpreter's teardown is
+    # skipped: a C++ destructor at exit (communication backend or loader threads) once aborted
+    # a finished 2-rank run with std::terminate (exit -6), which the launcher and Slurm then
+    # report as a failed job.
+    _exit(code)
+    return code  # not reached
 
 
 def fail(rank: int, e: BaseException) -> None:

@@ -25,10 +25,12 @@ from megatron_style.config import PretrainConfig, dump_yaml
 from megatron_style.batch import TARGET_STREAMS, PackedBatch
 from megatron_style.data.batch_loader import BatchLoader
 from megatron_style.model.pretraining import MaskedDataModel
+from megatron_style.parallel.random import seed_data_parallel_rank
 from megatron_style.train.engine import (base_optimizer, build_engine, set_learning_rate,
                                          skip_update)
 from megatron_style.train.guards import (INJECT_NAN_ENV, LossGuard, TooManyNonFinite,
                                          inject_nan_losses)
+from megatron_style.train.kernel_check import check_kernels
 from megatron_style.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
 from megatron_style.train.profiling import StepProfiler
 from megatron_style.train.schedule import learning_rate
@@ -68,7 +70,7 @@ class Trainer:
         if cfg.checkpoint.init_from:
             from megatron_style.checkpoint.model_files import load_model_file
             self.init_report = load_model_file(self.model, cfg.checkpoint.init_from)
-        torch.manual_seed(cfg.seed + 1000 * self.dp_rank + 1)
+        seed_data_parallel_rank(cfg.seed, self.dp_rank)
         if cfg.parallel.activation_checkpointing:
             self.model.beit3.checkpoint_fn = _checkpoint_block
         # The accumulation is fixed when the engine is built, so the global batch is settled
@@ -197,6 +199,8 @@ class Trainer:
         resumed = self.resume()
         self.metrics = MetricsLogger(cfg.logging, self.rank == 0, cfg.steps, self.step)
         self._print_startup(resumed)
+        # Collective: the Triton kernels prove themselves on this device before a step trusts them.
+        self.kernel_paths = check_kernels(cfg, self.device, self.tp, self._log, self.metrics, self.step)
         if self.step >= cfg.steps:
             self._log(f"the checkpoint is already at step {self.step} of {cfg.steps}: nothing to train")
             self.metrics.close()

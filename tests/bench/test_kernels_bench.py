@@ -3,11 +3,11 @@
 baseline: speed goals are read off the numbers, not asserted.
 
     pytest tests/bench/test_kernels_bench.py -m bench -s
-    python -m kernels.bench --out kernels.md      # the same, as one command
+    python -m megatron_style.benchmarks.kernels --out kernels.md      # the same, as one command
 """
 import pytest
 
-from kernels import bench
+from megatron_style.benchmarks import kernels as bench
 
 pytestmark = [pytest.mark.bench, pytest.mark.gpu]
 

@@ -94,6 +94,14 @@ def processes_with(text: str) -> list[int]:
     return [int(p) for p in r.stdout.split()]
 
 
+def wait_for(condition, timeout_s: float, proc, log) -> None:
+    """Until condition() holds; fails with the launcher's log if `proc` ends or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
 def stop_and_check(tmp_path, proc: subprocess.Popen, t_signal: float) -> str:
     """Wait for the launch to end after the SIGTERM; no process of it may be left."""
     try:
@@ -121,11 +129,8 @@ def test_sigterm_reaches_every_rank(launch, tmp_path):
     proc = launch("steps=1000", f"logging.dir={tmp_path / 'tb'}",
                   OVERRIDES_FILE=str(tmp_path / "overrides.txt"))
     metrics = tmp_path / "tb" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, \
-            (tmp_path / "launch.log").read_text()[-3000:]
-        time.sleep(0.2)
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 120, proc,
+             tmp_path / "launch.log")
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out = stop_and_check(tmp_path, proc, t0)
@@ -145,10 +150,7 @@ def test_sigterm_during_start_up_is_kept(launch, tmp_path):
     proc = launch("steps=1000", f"checkpoint.dir={tmp_path / 'ckpt'}",
                   f"logging.dir={tmp_path / 'tb'}", STANDIN_START_SECONDS="2")
     log = tmp_path / "launch.log"
-    deadline = time.monotonic() + 60
-    while "deepspeed launcher: hosts from" not in log.read_text():
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
+    wait_for(lambda: "deepspeed launcher: hosts from" in log.read_text(), 60, proc, log)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out = stop_and_check(tmp_path, proc, t0)

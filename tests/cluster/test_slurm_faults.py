@@ -1,7 +1,7 @@
 """cluster/pretrain.sh under faults, on the real local Slurm with the stand-in trainer.
 
 Every fault is real: sbatch jobs, `scancel --signal`, ranks that exit with a status or hang
-(tests/slurm/standin_trainer.py injects them from STANDIN_* variables in the job's
+(tests/cluster/standin_trainer.py injects them from STANDIN_* variables in the job's
 environment). The checks are what a user would look at: the job's state, exit code and
 restart count (`scontrol show job`), its output file, its run time.
 """
@@ -179,7 +179,7 @@ def test_overrides_file_must_exist(tmp_path):
     env = dict(os.environ, SLURM_JOB_ID="1", OVERRIDES_FILE=str(tmp_path / "nope.txt"))
     r = subprocess.run(["bash", str(PRETRAIN_SH)], env=env, capture_output=True, text=True,
                        cwd=ROOT, timeout=30)
-    assert r.returncode == 2 and "nope.txt' cannot be read" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 2 and "nope.txt' cannot be read" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def test_max_restarts_must_be_a_number(tmp_path):

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from megatron_style.data.bad_data import BadDataCounter
-from megatron_style.data.make_shards import main, parse_size
+from megatron_style.cli.make_shards import main
+from megatron_style.data.make_shards import parse_size
 from megatron_style.data.shards import resolve_shards
 from megatron_style.data.streams import ShardStream
 from megatron_style.data.tar_samples import read_shard
@@ -91,14 +92,14 @@ def test_clear_errors(tmp_path, capsys):
 
 
 def test_missing_input_message_and_help_from_the_command_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "megatron_style.data.make_shards", "text",
+    r = subprocess.run([sys.executable, "-m", "megatron_style.cli.make_shards", "text",
                         str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "missing.txt' does not exist" in r.stderr
 
 
 def test_bench_loader_runs(capsys):
-    from megatron_style.data import bench_loader
+    from megatron_style.benchmarks import loader as bench_loader
     assert bench_loader.main(["--model", "tiny", "--images", "4", "--batches", "2",
                               "--shard-samples", "8", "--micro-batch-size", "3", "--workers", "0",
                               "--train-samples-per-s", "10"]) == 0

@@ -107,7 +107,7 @@ def test_missing_model_and_shards_without_model(tiny_pretrain, tmp_path):
 
 
 def test_train_cli(tmp_path):
-    from megatron_style.data.train_tokenizer import main
+    from megatron_style.cli.train_tokenizer import main
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS))
     out = tmp_path / "cli.model"

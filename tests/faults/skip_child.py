@@ -48,11 +48,13 @@ MAX_NAMES = 12  # names listed per failed check
 
 
 def config_overrides(stage: int, precision: str, variant: str) -> list[str]:
-    # lr 0.02: large enough that every bf16 weight (LayerNorm gains near 1.0 included) moves
-    # at a normal step, so "unchanged" means "not updated".
+    # lr 0.02 and Adam eps 1e-12: every half-precision weight (LayerNorm gains near 1.0
+    # included) moves by about lr at a normal step, however small its gradient (with the
+    # default eps 1e-6 a gradient below ~1e-7 moves a weight by less than its rounding), so
+    # "unchanged" means "not updated".
     o = ["model.preset=tiny", "data.source=synthetic", "data.micro_batch_size=4",
          "data.synthetic_text_len=12", f"parallel.zero_stage={stage}",
-         f"parallel.precision={precision}", "optim.lr=0.02"]
+         f"parallel.precision={precision}", "optim.lr=0.02", "optim.eps=1e-12"]
     if variant == "fp32acc":  # ZeRO-1 bf16 with fp32 gradient accumulation: BF16_Optimizer
         o.append("parallel.deepspeed.data_types.grad_accum_dtype=fp32")
     if variant == "static":  # fp16 with a static loss scale: DeepSpeed still skips overflows

@@ -12,7 +12,7 @@ from megatron_style.data.bad_data import BadDataCounter
 from megatron_style.data.loader import good_samples
 from megatron_style.data.streams import ShardStream
 from megatron_style.data.build_tokenizers import build_text_tokenizer
-from tests.data_streaming.streaming_helpers import (StandInProcessor, key_of, make_cfg, pair,
+from tests.data.streaming_helpers import (StandInProcessor, key_of, make_cfg, pair,
                                                     run_measured, write_tar)
 
 pytestmark = pytest.mark.faults
@@ -38,7 +38,7 @@ def bomb_shard(tmp_path_factory):
 
 DECODE_IN_CHILD = """
 import json
-from tests.data_streaming.streaming_helpers import cap_address_space, key_of, make_cfg
+from tests.data.streaming_helpers import cap_address_space, key_of, make_cfg
 from megatron_style.data.bad_data import BadDataCounter
 from megatron_style.data.errors import BadSample
 from megatron_style.data.processor import SampleProcessor

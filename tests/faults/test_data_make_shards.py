@@ -14,9 +14,9 @@ import time
 import pytest
 from PIL import Image
 
-from megatron_style.data.make_shards import main
+from megatron_style.cli.make_shards import main
 from megatron_style.data.shards import resolve_shards
-from tests.data_streaming.streaming_helpers import ROOT, jpeg_bytes
+from tests.data.streaming_helpers import ROOT, jpeg_bytes
 
 pytestmark = pytest.mark.faults
 
@@ -85,7 +85,7 @@ def test_overwrite_killed_half_way_keeps_the_old_set(tmp_path, old_set):
     out, before = old_set
     fifo = str(tmp_path / "feed.txt")
     os.mkfifo(fifo)  # the input arrives as we write it, so the kill lands mid-write
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_style.data.make_shards", "text",
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_style.cli.make_shards", "text",
                              fifo, "-o", out, "--max-samples", "1", "--overwrite"],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -15,7 +15,7 @@ from megatron_style.data.bad_data import BadDataCounter
 from megatron_style.data.loader import build_train_loader, good_samples
 from megatron_style.data.streams import ShardStream
 from megatron_style.data.tar_samples import ReadLimits
-from tests.data_streaming.streaming_helpers import (StandInProcessor, bad_counts_after_resume,
+from tests.data.streaming_helpers import (StandInProcessor, bad_counts_after_resume,
                                                     jpeg_bytes, key_of,
                                                     make_cfg, make_sparse, pair, run_measured,
                                                     write_members, write_tar,
@@ -38,7 +38,7 @@ def delivered(urls, kind="text", processor=None, **limits):
 
 READ_IN_CHILD = """
 import json
-from tests.data_streaming.streaming_helpers import cap_address_space, key_of, make_cfg
+from tests.data.streaming_helpers import cap_address_space, key_of, make_cfg
 from megatron_style.data.bad_data import BadDataCounter
 from megatron_style.data.loader import good_samples
 from megatron_style.data.processor import SampleProcessor

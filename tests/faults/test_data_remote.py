@@ -14,7 +14,7 @@ from megatron_style.data.bad_data import BadDataCounter
 from megatron_style.data.loader import good_samples
 from megatron_style.data.shards import check_data_paths
 from megatron_style.data.streams import ShardStream
-from tests.data_streaming.streaming_helpers import (StandInProcessor, key_of, make_cfg,
+from tests.data.streaming_helpers import (StandInProcessor, key_of, make_cfg,
                                                     write_text_shards)
 
 pytestmark = pytest.mark.faults

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from tests.data_streaming.streaming_helpers import run_measured, write_text_shards
+from tests.data.streaming_helpers import run_measured, write_text_shards
 
 pytestmark = pytest.mark.faults
 
@@ -31,7 +31,7 @@ def leftover_sleeps():
 
 STALLED_IN_CHILD = """
 import json
-from tests.data_streaming.streaming_helpers import StandInProcessor, key_of, make_cfg
+from tests.data.streaming_helpers import StandInProcessor, key_of, make_cfg
 from megatron_style.data.bad_data import BadDataCounter
 from megatron_style.data.loader import good_samples
 from megatron_style.data.streams import ShardStream
@@ -64,7 +64,7 @@ def test_a_stalled_shard_command_is_given_up_and_the_next_shard_is_read(tmp_path
 
 LOADER_IN_CHILD = """
 import json, os, time
-from tests.data_streaming.streaming_helpers import StandInProcessor, make_cfg
+from tests.data.streaming_helpers import StandInProcessor, make_cfg
 from megatron_style.data.loader import build_train_loader
 good, fifo = {good!r}, {fifo!r}
 cfg = make_cfg(text=[good, fifo], num_workers=1, read_timeout_s=1, loader_timeout_s=3,

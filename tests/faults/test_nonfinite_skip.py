@@ -86,3 +86,15 @@ def test_fp16_dynamic_loss_scale_still_drops_at_overflow(results):
     for per_rank in results:
         steps = per_rank["1:fp16"]["steps"]
         assert steps[-1]["loss_scale"] < 2 ** 16, steps[-1]
+
+
+def test_zero_stages_train_the_same_model(results):
+    """fp32, same seed, same batches: ZeRO 0, 1, 2 and 3 shard differently but compute the same
+    steps, so their losses at every normal step agree (to summation order)."""
+    for rank, per_rank in enumerate(results):
+        losses = {c: [s["loss"] for s in per_rank[c]["steps"] if s["kind"] == "normal"]
+                  for c in ("0:fp32", "1:fp32", "2:fp32", "3:fp32")}
+        first = losses["0:fp32"]
+        assert len(first) >= 4 and all(isinstance(v, float) for v in first), (rank, first)
+        for config, got in losses.items():
+            assert got == pytest.approx(first, rel=1e-5), (rank, config, got, first)

@@ -52,12 +52,18 @@ def weights(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_veto_covers_every_group_and_ends_with_the_block():
+def step_under(skip: bool):
+    """One engine.step() inside skip_update(engine, skip): (model, opt, engine, weights before)."""
     model, opt = make()
     engine = FakeEngine(opt)
     w0 = weights(model)
-    with skip_update(engine, True):
+    with skip_update(engine, skip):
         engine.step()
+    return model, opt, engine, w0
+
+
+def test_veto_covers_every_group_and_ends_with_the_block():
+    model, opt, engine, w0 = step_under(True)
     assert all(torch.equal(a, b) for a, b in zip(w0, weights(model)))
     assert len(opt.state) == 0, "the vetoed step created optimizer state"
     assert engine.skipped_steps == 1 and engine._step_applied is False
@@ -69,11 +75,7 @@ def test_veto_covers_every_group_and_ends_with_the_block():
 
 
 def test_no_skip_is_a_plain_step():
-    model, opt = make()
-    engine = FakeEngine(opt)
-    w0 = weights(model)
-    with skip_update(engine, False):
-        engine.step()
+    model, opt, engine, w0 = step_under(False)
     assert all(not torch.equal(a, b) for a, b in zip(w0, weights(model)))
     assert engine.skipped_steps == 0 and engine.scheduler_seen == ["scheduler"]
 

@@ -69,7 +69,7 @@ def test_tokenizer_files_are_refused(tmp_path):
 def test_convert_tp_refuses_a_crafted_input(tmp_path):
     marker = tmp_path / "ran"
     path = crafted(tmp_path / "rank0.pt", marker)
-    p = subprocess.run([sys.executable, "-m", "megatron_style.checkpoint.convert_tp", "--preset",
+    p = subprocess.run([sys.executable, "-m", "megatron_style.cli.convert_tp", "--preset",
                         "tiny", "--tensor", "1", str(path), "--out", str(tmp_path / "o.pt")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
@@ -101,8 +101,8 @@ def test_export_of_a_crafted_checkpoint_directory_refuses(tmp_path):
     torch.save(sd, states)
     (bad / "COMPLETE").unlink()
     (bad / "COMPLETE").write_text('{"step": 1}')  # a manifest without sizes, as old ones are
-    for argv in (["-m", "megatron_style.train.export", str(bad), "--out", str(tmp_path / "o.pt")],
-                 ["-m", "megatron_style.checkpoint.convert_tp", "--tensor", "1", str(bad),
+    for argv in (["-m", "megatron_style.cli.export", str(bad), "--out", str(tmp_path / "o.pt")],
+                 ["-m", "megatron_style.cli.convert_tp", "--tensor", "1", str(bad),
                   "--out", str(tmp_path / "o.pt")]):
         p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
                            timeout=300)

@@ -2,7 +2,8 @@
 the numbers themselves come from tests/bench on a GPU."""
 import pytest
 
-from kernels import bench, triton_support
+from kernels import triton_support
+from megatron_style.benchmarks import kernels as bench
 
 
 @pytest.mark.interpreter

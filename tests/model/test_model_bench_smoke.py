@@ -1,7 +1,7 @@
 """The CPU benchmark against torchscale keeps working (tiny sizes; timings are not checked)."""
 import torch
 
-from megatron_style.model import bench_vs_torchscale as bench
+from megatron_style.benchmarks import vs_torchscale as bench
 
 
 def test_bench_pairs_equal_models_and_times_them(torchscale_beit3):

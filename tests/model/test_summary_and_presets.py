@@ -6,9 +6,10 @@ import yaml
 
 from megatron_style.config import MODEL_PRESETS, model_config
 from megatron_style.model import summary
+from megatron_style.cli import summary as summary_cli
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
-REGENERATE = "regenerate with: python -m megatron_style.model.summary --dump-presets configs/model"
+REGENERATE = "regenerate with: beit3-summary --dump-presets configs/model"
 
 
 def test_preset_files_match_the_presets():
@@ -28,7 +29,7 @@ def test_dump_presets_writes_one_file_per_preset(tmp_path):
 
 
 def test_summary_command(capsys):
-    assert summary.main(["--preset", "tiny", "--text-len", "12", "layers=3"]) == 0
+    assert summary_cli.main(["--preset", "tiny", "--text-len", "12", "layers=3"]) == 0
     out = capsys.readouterr().out
     for group, _ in summary.GROUPS:
         assert group in out
@@ -41,5 +42,5 @@ def test_summary_command(capsys):
     (["--preset", "tiny", "--text-len", "100"], "text_len 100 must be in"),
 ])
 def test_summary_command_errors(capsys, args, message):
-    assert summary.main(args) == 2
+    assert summary_cli.main(args) == 2
     assert message in capsys.readouterr().err

@@ -1,85 +1,16 @@
-"""Single-process parts of the tensor-parallel package: RNG streams under activation
-checkpointing, state-dict conversion (uneven vocabulary, errors, command line), the memory
-planner's command line and arithmetic, and the group builder's errors."""
+"""Single-process parts of the tensor-parallel package: state-dict conversion (uneven
+vocabulary, errors, command line), the memory planner's command line and arithmetic, and the group builder's errors."""
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from megatron_style.config import model_config
 from megatron_style.model import MaskedDataModel
-from megatron_style.checkpoint import convert_tp
 from megatron_style.checkpoint import tp_split as convert
 from megatron_style.model import memory_plan
-from megatron_style.parallel.random import RNGTracker, checkpoint_fn, derive_seed
-
-
-# ---- RNG -----------------------------------------------------------------------------------
-
-class _Block(nn.Module):
-    """Dropout on a 'sharded' activation (tracker stream) and on a 'replicated' one (default)."""
-
-    def __init__(self, tracker):
-        super().__init__()
-        self.lin = nn.Linear(16, 16)
-        self.tracker = tracker
-
-    def forward(self, x, layout):
-        h = self.lin(x)
-        with self.tracker.fork():
-            h = F.dropout(h, 0.5, training=True)
-        return F.dropout(h, 0.3, training=True) * layout
-
-
-def _grads(fn, seed_default=3):
-    torch.manual_seed(0)
-    tracker = RNGTracker("cpu")
-    tracker.add("tensor-parallel", 11)
-    block = _Block(tracker)
-    x = torch.randn(8, 16, requires_grad=True)
-    torch.manual_seed(seed_default)
-    y = fn(tracker)(block, x, 2.0)
-    y.sum().backward()
-    return y.detach(), x.grad, block.lin.weight.grad
-
-
-def test_checkpoint_replays_tracker_and_default_streams():
-    y0, gx0, gw0 = _grads(lambda tr: (lambda b, x, l: b(x, l)))
-    y1, gx1, gw1 = _grads(lambda tr: checkpoint_fn(tr))
-    assert torch.equal(y0, y1) and torch.equal(gx0, gx1) and torch.equal(gw0, gw1)
-
-
-def test_plain_checkpoint_would_replay_a_different_tracker_mask():
-    # Without the tracker context the replayed dropout mask differs: the test above can fail.
-    y0, gx0, _ = _grads(lambda tr: (lambda b, x, l: b(x, l)))
-    _, gx2, _ = _grads(lambda tr: checkpoint_fn(None))
-    assert not torch.equal(gx0, gx2)
-
-
-def test_tracker_fork_restores_the_default_stream_and_advances_its_own():
-    tracker = RNGTracker("cpu")
-    tracker.add("s", 5)
-    torch.manual_seed(1)
-    want = torch.rand(3)
-    torch.manual_seed(1)
-    with tracker.fork("s"):
-        a = torch.rand(3)
-    assert torch.equal(torch.rand(3), want)
-    with tracker.fork("s"):
-        b = torch.rand(3)
-    assert not torch.equal(a, b)
-    with pytest.raises(KeyError, match="'missing' was never added"):
-        with tracker.fork("missing"):
-            pass
-    with pytest.raises(ValueError, match="already exists"):
-        tracker.add("s", 6)
-
-
-def test_derived_seeds_differ_by_every_word():
-    seeds = {derive_seed(0, p, d, t) for p in (1, 2) for d in range(4) for t in range(4)}
-    assert len(seeds) == 32
+from megatron_style.cli import convert_tp as convert_tp_cli
+from megatron_style.cli import memory_plan as memory_plan_cli
 
 
 # ---- conversion ----------------------------------------------------------------------------
@@ -140,19 +71,19 @@ def test_convert_command_line(tmp_path, big_vocab, capsys):
         files.append(str(tmp_path / f"rank{r}.pt"))
         torch.save({"module": s}, files[-1])
     out = tmp_path / "single.pt"
-    rc = convert_tp.main(["--preset", "tiny", "--set", "text_vocab_size=64010", "--tensor", "1",
+    rc = convert_tp_cli.main(["--preset", "tiny", "--set", "text_vocab_size=64010", "--tensor", "1",
                        *files, "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     single = torch.load(out, weights_only=True)
     assert all(torch.equal(single[k], sd[k]) for k in sd)
-    rc = convert_tp.main(["--preset", "tiny", "--set", "text_vocab_size=64010", "--tensor", "4",
+    rc = convert_tp_cli.main(["--preset", "tiny", "--set", "text_vocab_size=64010", "--tensor", "4",
                        str(out), "--out", str(tmp_path / "tp4")])
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "tp4").iterdir()) == [f"tp_rank_0{r}.pt" for r in range(4)]
-    rc = convert_tp.main(["--preset", "tiny", "--tensor", "1", *files, "--out", str(out)])
+    rc = convert_tp_cli.main(["--preset", "tiny", "--tensor", "1", *files, "--out", str(out)])
     assert rc == 2 and "wrong model config" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        convert_tp.main(["--help"])
+        convert_tp_cli.main(["--help"])
     assert e.value.code == 0 and "beit3-convert-tp" in capsys.readouterr().out
 
 
@@ -180,15 +111,15 @@ def test_planner_arithmetic():
 
 
 def test_planner_command_line(capsys):
-    rc = memory_plan.main(["--preset", "base", "--gpus", "8", "--tensor", "2", "--zero", "1", "3"])
+    rc = memory_plan_cli.main(["--preset", "base", "--gpus", "8", "--tensor", "2", "--zero", "1", "3"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "tensor 2 x data 4" in out and "ZeRO-1" in out and "ZeRO-3" in out
     assert "optimizer (fp32 master + 2 moments)" in out and "activations, checkpointing" in out
-    rc = memory_plan.main(["--preset", "base", "--gpus", "6", "--tensor", "4"])
+    rc = memory_plan_cli.main(["--preset", "base", "--gpus", "6", "--tensor", "4"])
     assert rc == 2 and "--gpus 6 is not a multiple of --tensor 4" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        memory_plan.main(["--help"])
+        memory_plan_cli.main(["--help"])
     assert e.value.code == 0 and "beit3-memory-plan" in capsys.readouterr().out
 
 

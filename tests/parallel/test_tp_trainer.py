@@ -51,14 +51,14 @@ def test_tp2_dp2_matches_tp1_through_the_trainer(tmp_path, tp1, stage):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     # beit3-export writes the TP-merged fp32 weights (streamed) with the run's step and config
-    from megatron_style.train.export import main as export_main
+    from megatron_style.cli.export import main as export_main
     out = tmp_path / "exported.pt"
     assert export_main([str(tmp_path / "run" / "ckpt"), "--out", str(out)]) == 0
     ex = torch.load(out, weights_only=False)
     assert ex["step"] == 3 and "tensor: 2" in ex["config"]
     assert all(torch.equal(ex["model"][k], b[k]) for k in b)
     # beit3-convert-tp reads the checkpoint directory (config included) and re-splits it
-    from megatron_style.checkpoint.convert_tp import main as convert_main
+    from megatron_style.cli.convert_tp import main as convert_main
     tp4 = tmp_path / "tp4"
     assert convert_main([str(tmp_path / "run" / "ckpt" / "step_00000003"), "--tensor", "4",
                          "--out", str(tp4)]) == 0

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.multiproc
 
 def test_demo_learns_to_use_the_image(tmp_path):
     p = pretrain([*run_dirs(tmp_path), "steps=1200", "logging.progress=lines"], ranks=2,
-                 config="configs/pretrain/demo.yaml", timeout=900)
+                 config="configs/pretrain/demo.yaml", timeout=900, launcher="deepspeed")
     assert p.returncode == 0, explain(p)
     rows = metrics(tmp_path)
     # (no pair_image: the demo's pair images are seen whole, data.masking.pair_image_ratio 0)

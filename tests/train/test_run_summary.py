@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from megatron_style.train.run_summary import main, summarize
+from megatron_style.cli.run_summary import main, summarize
 
 
 def _write(path, rows):
