@@ -8,14 +8,14 @@ import os
 from megatron_style.checkpoint.directory import check_one_run
 from megatron_style.config import ConfigError, PretrainConfig
 from megatron_style.data.shards import check_data_paths
+from megatron_style.train.batch_plan import data_parallel_ranks, plan_batch
+from megatron_style.train.distributed import read_env
 
 
 def preflight(cfg: PretrainConfig) -> None:
     # A global batch that does not divide over the ranks this launch starts: said here, on
     # every rank, before one of them waits on another.
     if cfg.data.global_batch_size:
-        from megatron_style.train.batch_plan import data_parallel_ranks, plan_batch
-        from megatron_style.train.distributed import read_env
         plan_batch(cfg, data_parallel_ranks(cfg, read_env().world_size))
     ck = cfg.checkpoint
     if ck.init_from and not os.path.exists(ck.init_from):

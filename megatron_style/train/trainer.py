@@ -19,13 +19,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_style.checkpoint.rank_state import rng_state
-from megatron_style.checkpoint.resume import load_loader_states, resume_engine
+from megatron_style.checkpoint.resume import load_loader_states, resume_engine, saved_global_batch
 from megatron_style.checkpoint.save import CheckpointWriter, on_rank0
 from megatron_style.config import PretrainConfig, dump_yaml
 from megatron_style.batch import TARGET_STREAMS, PackedBatch
 from megatron_style.data.batch_loader import BatchLoader
 from megatron_style.model.pretraining import MaskedDataModel
 from megatron_style.parallel.random import seed_data_parallel_rank
+from megatron_style.train.batch_plan import plan_batch
 from megatron_style.train.engine import (base_optimizer, build_engine, set_learning_rate,
                                          skip_update)
 from megatron_style.train.guards import (INJECT_NAN_ENV, LossGuard, TooManyNonFinite,
@@ -75,8 +76,6 @@ class Trainer:
             self.model.beit3.checkpoint_fn = _checkpoint_block
         # The accumulation is fixed when the engine is built, so the global batch is settled
         # first: the recipe's, or the one the checkpoint to resume from was trained with.
-        from megatron_style.checkpoint.resume import saved_global_batch
-        from megatron_style.train.batch_plan import plan_batch
         saved, saved_at = saved_global_batch(cfg.checkpoint.resume, cfg.checkpoint.dir)
         self.batch, self.batch_note = plan_batch(cfg, self.dp_world, saved, saved_at)
         self.engine, self.optimizer = build_engine(self.model, cfg, device, self.mpu,
