@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -25,7 +26,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: 
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)  # 2 cores shared by every worker
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A collective that one rank never joins (the bug several of these tests look for) fails
+    # after this, rather than hanging the suite until pytest's own timeout.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=180))
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
