@@ -275,4 +275,4 @@ def consolidated_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[st
     load_dir, tag = resolve(path)
     tag_dir = os.path.join(load_dir, tag)
     _, tensors = fp32_parameters(tag_dir, checkpoint_config(tag_dir))
-    return {k: v.float().contiguous() for k, v in tensors}, checkpoint_meta(tag_dir)
+    return {k: v.detach().float().contiguous() for k, v in tensors}, checkpoint_meta(tag_dir)

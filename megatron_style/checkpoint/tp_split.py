@@ -51,8 +51,11 @@ class ParamSplit:
 
 
 def _meta_model(cfg: ModelConfig, tp: Optional[TPGroup]):
+    # With every optional head (ITC, ITM), so that the plan covers any run's keys: those heads
+    # are plain replicated modules (model/contrastive.py, model/matching.py), the same on
+    # every tensor rank, and a key a checkpoint lacks is simply never looked up.
     with torch.device("meta"):
-        return MaskedDataModel(cfg, tp)
+        return MaskedDataModel(cfg, tp, heads=("itc", "itm"))
 
 
 def split_plan(cfg: ModelConfig, tensor_size: int) -> dict[str, ParamSplit]:

@@ -18,7 +18,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint.dir of a run, or one step_XXXXXXXX directory in it")
     p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--layout", choices=["ours", "released"], default="ours")
+    p.add_argument("--layout", choices=["ours", "released", "retrieval"], default="ours")
     args = p.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.layout)

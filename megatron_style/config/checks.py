@@ -104,6 +104,67 @@ def check_tensor_parallel(m: "ModelConfig", tensor: int, key: str = "parallel.te
               f"divide model.{name} = {getattr(m, name)}")
 
 
+def _stage_streams(cfg: "PretrainConfig", stage) -> "DataConfig":
+    import dataclasses
+    d = cfg.data
+    if stage is None or not stage.streams:
+        return d
+    return dataclasses.replace(d, **{s: dataclasses.replace(getattr(d, s), weight=float(w))
+                                     for s, w in stage.streams.items()})
+
+
+def check_objective(cfg: "PretrainConfig", obj, data: "DataConfig", key: str) -> None:
+    """The objectives of a run (or a stage) against its streams and model."""
+    check(sum((obj.mdm, obj.itc, obj.itm)) > 0, key,
+          "every objective weight is 0: set at least one of mdm, itc, itm above 0")
+    pairs = data.stream_counts()["pair"]
+    for name in ("itc", "itm"):
+        if getattr(obj, name) > 0:
+            check(pairs > 0, f"{key}.{name}", f"{name} learns from image-text pairs, but the "
+                  f"pair stream has no sample in a micro-batch (split {data.stream_counts()}); "
+                  "give data.pair (or the stage's streams) a weight > 0")
+    if obj.itm > 0:
+        check(obj.itc > 0, f"{key}.itm", "itm draws its hard negatives from the ITC "
+              "similarities (VLMo, ALBEF): give itc a weight > 0 too")
+        check(cfg.model.vl_layers > 0, f"{key}.itm", "itm runs on the fusion path, the VL "
+              f"experts of the top layers, but model.vl_layers is 0 "
+              f"(attention {cfg.model.attention!r}); use attention: shared and vl_layers > 0")
+
+
+def check_stages(cfg: "PretrainConfig") -> None:
+    from megatron_style.config.fields import check_bounds
+    from megatron_style.config.objective import UNITS
+    if not cfg.stages:
+        return
+    total = 0
+    for i, st in enumerate(cfg.stages):
+        key = f"stages[{i}]"
+        check_bounds(st, key)
+        for s, w in st.streams.items():
+            check(s in _STREAMS, f"{key}.streams.{s}",
+                  f"unknown stream; a stage weights {', '.join(_STREAMS)}")
+            check(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0,
+                  f"{key}.streams.{s}", f"must be a number >= 0, got {w!r}")
+        data = _stage_streams(cfg, st)
+        try:
+            check_data(data, f"{key}.streams")
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in stage {i} {st.name!r})") from None
+        if st.objective is not None:
+            check_bounds(st.objective, f"{key}.objective")
+        check_objective(cfg, st.objective or cfg.objective, data, f"{key}.objective")
+        check(bool(st.train), f"{key}.train", "names no parameter unit; use [all] or some of "
+              + ", ".join(UNITS))
+        for u in st.train:
+            check(u == "all" or u in UNITS, f"{key}.train",
+                  f"unknown parameter unit {u!r}; accepted: all, {', '.join(UNITS)}")
+        check(st.warmup_steps == 0 or st.lr > 0, f"{key}.warmup_steps",
+              "belongs to the stage's own schedule, which needs the stage's lr > 0")
+        total += st.steps
+    check(total == cfg.steps, "stages", f"the stages' steps add up to {total} but the run has "
+          f"steps={cfg.steps}; make them agree")
+
+
 def check_run(cfg: "PretrainConfig") -> None:
     """Every rule of every section, then the rules between sections."""
     check_model(cfg.model)
@@ -115,6 +176,10 @@ def check_run(cfg: "PretrainConfig") -> None:
           f"is derived from data.global_batch_size={cfg.data.global_batch_size} for the number "
           f"of ranks a run starts on; remove grad_accum={cfg.parallel.grad_accum}, or set "
           "data.global_batch_size: 0 to give the accumulation yourself")
+    if cfg.stages:
+        check_stages(cfg)
+    else:
+        check_objective(cfg, cfg.objective, cfg.data, "objective")
     pixels_model = cfg.model.visual_target == "pixels"
     pixels_data = cfg.data.tokenizer.visual == "pixels"
     check(pixels_model == pixels_data, "data.tokenizer.visual",

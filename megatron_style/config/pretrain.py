@@ -7,6 +7,7 @@ from megatron_style.config.checks import check_run
 from megatron_style.config.data import DataConfig
 from megatron_style.config.fields import bounded, check_bounds
 from megatron_style.config.model import ModelConfig
+from megatron_style.config.objective import EvalConfig, ObjectiveConfig, StageConfig
 from megatron_style.config.train import (CheckpointConfig, GuardConfig, LoggingConfig,
                                          OptimConfig, ParallelConfig)
 
@@ -22,6 +23,11 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # Consecutive training stages (config/objective.py); empty = one stage of `steps` steps
+    # with the data section's streams, `objective`, and every parameter trained.
+    stages: list[StageConfig] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     steps: int = bounded(1000, ge=1)
     # End this invocation after this step (with a checkpoint) without changing the schedule,
     # e.g. to fit a time-limited allocation; 0 = run to `steps`.

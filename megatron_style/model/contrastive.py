@@ -57,8 +57,10 @@ class ContrastiveHeads(nn.Module):
         with torch.no_grad():
             init_trunc_normal_(self.vision_head.weight, rule.std, rule.cut)
             init_trunc_normal_(self.language_head.weight, rule.std, rule.cut)
-        # A 0-d parameter: the optimizer's param_groups leave it undecayed (ndim < 2).
-        self.logit_scale = nn.Parameter(torch.full((), LOGIT_SCALE_INIT))
+        # Shape [1], not unilm's 0-d: DeepSpeed broadcasts every parameter as a byte view at
+        # start-up, which a 0-d tensor cannot give. The released layout's 0-d value is
+        # reshaped on the way in and out (released_checkpoint.py). ndim < 2: never decayed.
+        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
 
     def image_features(self, cls: torch.Tensor) -> torch.Tensor:
         """[n, D] unit vectors from the images' CLS states (after the final vision norm)."""
@@ -92,6 +94,11 @@ class ContrastiveOutput(NamedTuple):
     stats: torch.Tensor
     scale: torch.Tensor   # detached scalar: the temperature multiplier used, exp(logit_scale) <= 100
     candidates: int       # pairs in the union over the group: each query ranks this many
+    # Detached [candidates, 2D]: every rank's image features then text features (the rows
+    # the loss ranked against), and where this rank's rows start; ITM samples its hard
+    # negatives from them (model/matching.py).
+    gathered: Optional[torch.Tensor] = None
+    offset: int = 0
 
     @property
     def i2t_acc(self) -> float:
@@ -182,7 +189,7 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
                          f"{tuple(txt.shape)} must both be [pairs, dim]")
     D = img.shape[1]
     n = img.shape[0]
-    scale = logit_scale.float().exp().clamp(max=MAX_SCALE)
+    scale = logit_scale.float().reshape(()).exp().clamp(max=MAX_SCALE)
     # Both features in one collective (fp32: the features are small, the gradients exact).
     local = torch.cat([img, txt], dim=1).float()
     if group is None or dist.get_world_size(group) == 1:
@@ -204,7 +211,8 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
         stats = torch.stack([per_pair.sum(), (logits_i2t.argmax(-1) == labels).sum().float(),
                              (logits_t2i.argmax(-1) == labels).sum().float(),
                              torch.tensor(float(n), device=img.device)]).float()
-    return ContrastiveOutput(loss=loss, stats=stats, scale=scale.detach(), candidates=total)
+    return ContrastiveOutput(loss=loss, stats=stats, scale=scale.detach(), candidates=total,
+                             gathered=everything.detach(), offset=offset)
 
 
 class ContrastiveModel(nn.Module):

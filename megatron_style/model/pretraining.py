@@ -1,4 +1,9 @@
-"""Masked data modeling: the encoder plus prediction heads applied to masked positions only.
+"""Pretraining: the encoder, masked data modeling heads, and optionally ITC and ITM heads.
+
+forward(batch, weights=(mdm, itc, itm)) returns the weighted sum of the active objectives:
+  MDM  the masked batch as packed (BEiT-3's objective), heads applied to masked positions only;
+  ITC  the batch's pairs encoded apart (batch.dual_encoder_views), model/contrastive.py;
+  ITM  the pairs and hard negatives on the fusion path, model/matching.py.
 
 Text head: vocabulary logits for hidden text tokens (SentencePiece ids).
 Image head: visual-token logits for hidden patches (BEiT v2 / k-means ids), or, with
@@ -31,6 +36,12 @@ class MDMOutput(NamedTuple):
     # [len(TARGET_STREAMS), 3] detached: (loss sum, target count, correct count) per stream,
     # for per-stream loss and masked-token accuracy (pixel targets count no "correct").
     stats: torch.Tensor
+    # [OBJECTIVE_STATS] detached, additive over data-parallel ranks: ITC (loss sum over local
+    # pairs, image->text correct, text->image correct, pairs), ITM (loss sum, correct, samples);
+    # zeros for an objective that did not run. None from models without those heads.
+    objective_stats: Optional[torch.Tensor] = None
+    # Detached scalar: ITC's temperature multiplier exp(logit_scale) (clamped), or None.
+    scale: Optional[torch.Tensor] = None
 
     def stream_metrics(self) -> dict[str, float]:
         out = {}
@@ -43,10 +54,38 @@ class MDMOutput(NamedTuple):
         return out
 
 
+#: Length of MDMOutput.objective_stats: ITC's 4 numbers, then ITM's 3.
+OBJECTIVE_STATS = 7
+MDM_ONLY = (1.0, 0.0, 0.0)
+
+
+def objective_metrics(s: torch.Tensor) -> dict[str, float]:
+    """Loss and accuracy per objective from `objective_stats` summed over steps and ranks."""
+    s = s.double().cpu()
+    out = {}
+    if float(s[3]) > 0:
+        n = float(s[3])
+        out.update({"loss/itc": float(s[0]) / n, "acc/itc_i2t": float(s[1]) / n,
+                    "acc/itc_t2i": float(s[2]) / n})
+    if float(s[6]) > 0:
+        out.update({"loss/itm": float(s[4]) / float(s[6]), "acc/itm": float(s[5]) / float(s[6])})
+    return out
+
+
 class MaskedDataModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: Optional[TPGroup] = None):
+    """`heads`: the optional objectives' heads to build, "itc" (ContrastiveHeads at `itc`, the
+    released retrieval layout) and "itm" (MatchingHead at `itm`); config.objective.model_heads
+    says which a run needs. `contrastive_group`: the data-parallel group whose pairs are pooled
+    as ITC negatives and ITM candidates (set by the trainer; None: this process's pairs)."""
+
+    def __init__(self, cfg: ModelConfig, tp: Optional[TPGroup] = None,
+                 heads: tuple[str, ...] = ()):
         super().__init__()
+        unknown = set(heads) - {"itc", "itm"}
+        if unknown:
+            raise ValueError(f"unknown heads {sorted(unknown)}; MaskedDataModel builds itc, itm")
         self.cfg, self.tp = cfg, tp
+        self.contrastive_group = None
         self.beit3 = MultiwayTransformer(cfg, tp)
         D, rule = cfg.dim, init_rule(cfg)
         init = dict(init_std=rule.std, init_cut=rule.cut)
@@ -56,10 +95,82 @@ class MaskedDataModel(nn.Module):
         else:
             # A regression head is small: replicated, not split across ranks.
             self.image_head = ColumnParallelLinear(D, cfg.patch_dim, tp=None, **init)
+        if "itc" in heads:
+            from megatron_style.model.contrastive import ContrastiveHeads
+            self.itc = ContrastiveHeads(cfg)
+        if "itm" in heads:
+            from megatron_style.model.matching import MatchingHead
+            self.itm = MatchingHead(cfg)
 
-    def forward(self, b: PackedBatch) -> MDMOutput:
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return tuple(h for h in ("itc", "itm") if hasattr(self, h))
+
+    def forward(self, b: PackedBatch, weights: tuple[float, float, float] = MDM_ONLY,
+                views=None) -> MDMOutput:
+        """`weights`: (mdm, itc, itm); an objective with weight 0 is not computed. `views`:
+        batch.dual_encoder_views(b) when the caller built them already (the trainer does, on
+        the CPU before the batch moves, to keep their host syncs off the device)."""
+        w_mdm, w_itc, w_itm = weights
+        if (w_itc > 0 and not hasattr(self, "itc")) or (w_itm > 0 and not hasattr(self, "itm")):
+            raise ValueError(f"objective weights {weights} need heads this model was built "
+                             f"without (it has {self.heads or 'none'}); build it with "
+                             "heads=config.objective.model_heads(cfg)")
+        dev = b.text_ids.device
+        total = torch.zeros((), device=dev)
+        unused: list[nn.Parameter] = []
+        if w_mdm > 0:
+            out = self._mdm(b)
+            total = total + w_mdm * out.loss
+            stats = out.stats
+        else:
+            stats = torch.zeros(len(TARGET_STREAMS), 3, dtype=torch.float32, device=dev)
+            unused += [*self.image_head.parameters(), *self.text_head.parameters()]
+            if w_itc == 0:
+                unused += [*self.beit3.final_norm.parameters()]
+        if not self.heads:
+            return MDMOutput(loss=total + self._zero(unused, dev), stats=stats)
+        obj = torch.zeros(OBJECTIVE_STATS, dtype=torch.float32, device=dev)
+        scale = None
+        if w_itc > 0:
+            from megatron_style.batch.views import dual_encoder_views
+            from megatron_style.model.contrastive import cls_states, contrastive_loss
+            if views is None:
+                views = dual_encoder_views(b, self.cfg)
+            img = self.itc.image_features(cls_states(self.beit3, views.images, VISION))
+            txt = self.itc.text_features(cls_states(self.beit3, views.texts, LANGUAGE))
+            itc = contrastive_loss(img, txt, self.itc.logit_scale, self.contrastive_group)
+            total = total + w_itc * itc.loss
+            obj[:4] = itc.stats
+            scale = itc.scale
+            if w_itm > 0:
+                from megatron_style.model.matching import matching_loss
+                D = img.shape[1]
+                g = itc.gathered
+                itm = matching_loss(self.beit3, self.itm, views.images, views.texts,
+                                    img.detach(), txt.detach(), g[:, :D], g[:, D:], itc.offset,
+                                    self.contrastive_group, self.cfg,
+                                    # negatives drawn from the ITC logits, as VLMo does
+                                    sim_scale=float(itc.scale))
+                total = total + w_itm * itm.loss
+                obj[4:] = itm.stats
+        else:
+            unused += [*self.itc.parameters()] if hasattr(self, "itc") else []
+        if w_itm == 0 and hasattr(self, "itm"):
+            unused += [*self.itm.parameters()]
+        return MDMOutput(loss=total + self._zero(unused, dev), stats=stats,
+                         objective_stats=obj,
+                         scale=scale if scale is not None else torch.zeros((), device=dev))
+
+    @staticmethod
+    def _zero(params, dev) -> torch.Tensor:
+        """Parameters an objective of this step did not use still join the graph (times 0),
+        so every rank reduces the same set of gradients (DeepSpeed waits for each)."""
+        return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=dev))
+
+    def _mdm(self, b: PackedBatch) -> MDMOutput:
         h = self.beit3.encode(b, final_norm=False)
-        losses, preds, streams, targets = [], [], [], []
+        losses, preds, streams = [], [], []
         if b.image_targets.shape[0]:
             hi = self.beit3.norm_by_modality(h.index_select(0, b.image_target_pos), VISION)
             if self.cfg.visual_target == "tokens":

@@ -98,7 +98,8 @@ def released_to_ours(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     out, unknown = {}, []
     for k, v in sd.items():
         if k in _ITC:
-            out[_ITC[k]] = v
+            # unilm's logit_scale is 0-d, ours [1] (model/contrastive.py says why)
+            out[_ITC[k]] = v.reshape(1) if k == "logit_scale" and v.dim() == 0 else v
             continue
         head = k.split(".", 1)
         if head[0] in _HEADS and len(head) == 2:
@@ -275,7 +276,7 @@ def export_released_state_dict(model: nn.Module, with_heads: bool = True) -> dic
     for k, v in model.state_dict().items():
         if not bare and k in _ITC_BACK:
             if with_heads:
-                out[_ITC_BACK[k]] = v
+                out[_ITC_BACK[k]] = v.reshape(()) if k == "itc.logit_scale" else v
             continue
         first, rest = k.split(".", 1)
         if not bare and first in back_heads:

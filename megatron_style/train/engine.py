@@ -33,6 +33,9 @@ veto has to cover (tests/faults/test_nonfinite_skip.py checks every tensor of it
                     every boundary, skipped or not (as for DeepSpeed's own skips).
 So the veto is held for the whole engine.step() (every step() call is a no-op), the copies
 back to the weights then copy unchanged masters, and the bookkeeping is put right afterwards.
+Frozen units (stagewise training, train/stages.py) use the same fact per group: step() leaves
+out the groups of frozen units whichever of these calls it is, and their masters, copied back,
+are unchanged.
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ import torch
 import torch.nn as nn
 
 from megatron_style.config import PretrainConfig
+from megatron_style.config.objective import UNITS
+from megatron_style.train.stages import parameter_unit
 
 # Besides norms and biases (every 1-D parameter), AdamW does not decay what unilm's BEiT,
 # BEiT v2 and BEiT-3 code exempt (`no_weight_decay`: the CLS token and the vision position
@@ -52,19 +57,32 @@ _NO_DECAY_UNILM = ("cls_token", "pos_vision.weight")
 _NO_DECAY_EMBEDDINGS = ("mask_token", "text_embed.weight", "pos_text.weight")
 
 
-def param_groups(model: nn.Module, weight_decay: float,
-                 decay_embeddings: bool = True) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True,
+                 by_unit: bool = False) -> list[dict[str, Any]]:
+    """AdamW's groups: "decay" and "no_decay". `by_unit` (a run with stages): each of them
+    split further by training unit (train/stages.py), "decay/<unit>" and "no_decay/<unit>"
+    with a "unit" key, in UNITS order, empty ones left out, so that SkippableStep can leave a
+    frozen unit's groups out of the update."""
     exempt = _NO_DECAY_UNILM + (() if decay_embeddings else _NO_DECAY_EMBEDDINGS)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.ndim < 2 or name.endswith(exempt):
-            no_decay.append(p)
+            no_decay.append((name, p))
         else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+            decay.append((name, p))
+    if not by_unit:
+        return [{"params": [p for _, p in decay], "weight_decay": weight_decay, "name": "decay"},
+                {"params": [p for _, p in no_decay], "weight_decay": 0.0, "name": "no_decay"}]
+    groups = []
+    for kind, members, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
+        by: dict[str, list[nn.Parameter]] = {u: [] for u in UNITS}
+        for name, p in members:
+            by[parameter_unit(name)].append(p)
+        groups += [{"params": ps, "weight_decay": wd, "name": f"{kind}/{u}", "unit": u}
+                   for u, ps in by.items() if ps]
+    return groups
 
 
 class SkippableStep:
@@ -73,14 +91,37 @@ class SkippableStep:
     The veto is held by `skip_update` for a whole engine.step(): DeepSpeed calls step() once
     per parameter group under ZeRO (our decay and no_decay groups), once in the bf16/fp16
     wrappers, and not at all when it finds an overflow itself, so a one-shot flag either
-    covers too little or leaks into the next step."""
+    covers too little or leaks into the next step.
+
+    It also leaves out the parameter groups of frozen units (`_frozen_units`, set by
+    train/stages.Freezer) in every one of those calls; a call on frozen groups only does
+    nothing."""
 
     _update_vetoed = False
+    # Units whose parameter groups (key "unit", param_groups(by_unit=True)) step() leaves out:
+    # no update, no weight decay, Adam state untouched (train/stages.py's Freezer sets it).
+    _frozen_units: frozenset = frozenset()
 
     def step(self, *args, **kwargs):  # type: ignore[override]
         if self._update_vetoed:
             return None
-        return super().step(*args, **kwargs)  # type: ignore[misc]
+        frozen = self._frozen_units
+        if not frozen:
+            return super().step(*args, **kwargs)  # type: ignore[misc]
+        # `param_groups` is whatever DeepSpeed set for this call (ZeRO-1/2: the one group it
+        # steps; ZeRO-3: all, the others' params []; the wrappers and ZeRO-0: all of them),
+        # so narrow what is there and put it back as found.
+        groups = self.param_groups
+        active = [g for g in groups if g.get("unit") not in frozen]
+        if len(active) == len(groups):
+            return super().step(*args, **kwargs)  # type: ignore[misc]
+        if not active:
+            return None
+        self.param_groups = active
+        try:
+            return super().step(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self.param_groups = groups
 
     @property
     def skip_next(self) -> bool:
@@ -161,7 +202,10 @@ def build_optimizer(model: nn.Module, cfg: PretrainConfig, device: torch.device)
     o = cfg.optim
     base, extra = _optimizer_class(o.impl, device)
     cls = type(f"Skippable{base.__name__}", (SkippableStep, base), {})
-    return cls(param_groups(model, o.weight_decay, o.decay_embeddings), lr=o.lr,
+    # A run with stages splits the groups by unit, for all of its stages alike (the optimizer
+    # state of a checkpoint has one layout throughout the run); without, the two groups.
+    groups = param_groups(model, o.weight_decay, o.decay_embeddings, by_unit=bool(cfg.stages))
+    return cls(groups, lr=o.lr,
                betas=tuple(o.betas), eps=o.eps, **extra)
 
 

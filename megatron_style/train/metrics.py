@@ -142,8 +142,8 @@ def drop_rows_after(path: str, step: int) -> None:
 
 
 def _short(s: dict[str, float]) -> str:
-    keys = ("loss", "loss/image", "loss/text", "loss/pair_image", "loss/pair_text", "lr",
-            "throughput/samples_per_s", "perf/mfu")
+    keys = ("loss", "loss/image", "loss/text", "loss/pair_image", "loss/pair_text", "loss/itc",
+            "acc/itc_i2t", "loss/itm", "acc/itm", "lr", "throughput/samples_per_s", "perf/mfu")
     names = {"throughput/samples_per_s": "samples/s", "perf/mfu": "mfu"}
     parts = []
     for k in keys:

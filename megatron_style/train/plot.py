@@ -16,8 +16,11 @@ def read_metrics(path: str) -> list[dict]:
         for line in f:
             if line.strip():
                 rows.append(json.loads(line))
-    # A resumed run appends; keep the last value logged for each step.
-    by_step = {r["step"]: r for r in rows}
+    # A later row of the same step replaces the earlier one's keys (a resumed run rewrites its
+    # steps) and adds its own (validation writes its `val/*` row beside the step's training row).
+    by_step: dict = {}
+    for r in rows:
+        by_step.setdefault(r["step"], {}).update(r)
     return [by_step[s] for s in sorted(by_step)]
 
 

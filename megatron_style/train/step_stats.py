@@ -8,27 +8,47 @@ import torch
 import torch.distributed as dist
 
 from megatron_style.batch import TARGET_STREAMS, PackedBatch
-from megatron_style.model.pretraining import MaskedDataModel
+from megatron_style.model.pretraining import OBJECTIVE_STATS, MaskedDataModel, MDMOutput
 
 
 class Accumulator:
-    """Per-stream loss/accuracy statistics and work done since the last log line (this rank)."""
+    """Per-stream loss/accuracy statistics, per-objective statistics (ITC, ITM) and work done
+    since the last log line (this rank)."""
 
     def __init__(self, device: torch.device):
         self.stats = torch.zeros(len(TARGET_STREAMS), 3, dtype=torch.float64, device=device)
+        self.objective_stats = torch.zeros(OBJECTIVE_STATS, dtype=torch.float64, device=device)
+        self.scale = torch.zeros((), dtype=torch.float64, device=device)  # the last ITC scale
         self.counts = torch.zeros(3, dtype=torch.float64)  # samples, tokens, flops
 
-    def add(self, stats: torch.Tensor, b: PackedBatch, flops_fn) -> None:
-        self.stats += stats.double()
-        self.counts += torch.tensor([b.num_samples, b.num_tokens, flops_fn(b) if flops_fn else 0.0],
-                                    dtype=torch.float64)
+    def add(self, out: MDMOutput, b: PackedBatch, flops_fn, views=None,
+            weights: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> None:
+        """`b` the CPU batch; `views` its dual-encoder views when ITC ran on them (their
+        forwards count as work too; ITM's fusion pass is counted as three pair forwards of
+        the pairs, its size up to the negatives' text lengths)."""
+        self.stats += out.stats.double()
+        if out.objective_stats is not None:
+            self.objective_stats += out.objective_stats.double()
+            self.scale = out.scale.double()
+        flops = 0.0
+        if flops_fn:
+            flops = flops_fn(b) if weights[0] > 0 else 0.0
+            if views is not None:
+                flops += flops_fn(views.images) + flops_fn(views.texts)
+                if weights[2] > 0:
+                    flops += 3 * flops_fn(views.images) + 3 * flops_fn(views.texts)
+        self.counts += torch.tensor([b.num_samples, b.num_tokens, flops], dtype=torch.float64)
 
     def reduce(self, group) -> dict[str, Any]:
-        t = torch.cat([self.stats.flatten(), self.counts.to(self.stats.device)])
+        k = self.stats.numel()
+        t = torch.cat([self.stats.flatten(), self.objective_stats,
+                       self.counts.to(self.stats.device)])
         dist.all_reduce(t, group=group)
-        s = t[:-3].view_as(self.stats).cpu()
+        s = t[:k].view_as(self.stats).cpu()
+        obj = t[k:k + OBJECTIVE_STATS].cpu()
         samples, tokens, flops = (float(x) for x in t[-3:])
-        return {"stats": s, "samples": samples, "tokens": tokens, "flops": flops}
+        return {"stats": s, "objective_stats": obj, "scale": float(self.scale), "samples": samples,
+                "tokens": tokens, "flops": flops}
 
 
 def loss_record(loss: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,10 @@ from megatron_style.checkpoint.rank_state import rng_state
 from megatron_style.checkpoint.resume import load_loader_states, resume_engine, saved_global_batch
 from megatron_style.checkpoint.save import CheckpointWriter, on_rank0
 from megatron_style.config import PretrainConfig, dump_yaml
+from megatron_style.config.objective import model_heads
 from megatron_style.batch import TARGET_STREAMS, PackedBatch
 from megatron_style.data.batch_loader import BatchLoader
-from megatron_style.model.pretraining import MaskedDataModel
+from megatron_style.model.pretraining import MaskedDataModel, objective_metrics
 from megatron_style.parallel.random import seed_data_parallel_rank
 from megatron_style.train.batch_plan import plan_batch
 from megatron_style.train.engine import (base_optimizer, build_engine, set_learning_rate,
@@ -34,7 +35,7 @@ from megatron_style.train.guards import (INJECT_NAN_ENV, LossGuard, TooManyNonFi
 from megatron_style.train.kernel_check import check_kernels
 from megatron_style.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gib
 from megatron_style.train.profiling import StepProfiler
-from megatron_style.train.schedule import learning_rate
+from megatron_style.train.stages import Freezer, Stage, StagePlan
 
 from megatron_style.train.exit_codes import NONFINITE as EXIT_NONFINITE
 from megatron_style.train.exit_codes import OK as EXIT_OK
@@ -60,7 +61,12 @@ class Trainer:
         # Same seed everywhere for the weights (DeepSpeed also broadcasts them), then a
         # per-data-parallel-rank seed for drop path and other randomness of the step.
         torch.manual_seed(cfg.seed)
-        self.model = MaskedDataModel(cfg.model, self.tp)
+        self.plan = StagePlan(cfg)
+        self.model = MaskedDataModel(cfg.model, self.tp, heads=model_heads(cfg))
+        # ITC pools every data-parallel rank's pairs as negatives; under tensor parallelism the
+        # tensor ranks of a replica hold the same pairs, so the data-parallel group, never the
+        # world (model/contrastive.py).
+        self.model.contrastive_group = self.dp_group if self.dp_group is not None else dist.group.WORLD
         if self.tp is not None:
             # Saved with every checkpoint: how tensor-parallel slices merge, so a TP run can
             # resume on another number of data-parallel ranks (checkpoint/universal.py).
@@ -82,8 +88,13 @@ class Trainer:
                                                    grad_accum=self.batch.grad_accum)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
             cfg.parallel.precision]
+        # Frozen parameters of a stage: no gradient, no update, no decay (train/stages.py).
+        self.freezer = Freezer(self.model, self.optimizer)
         self.visual_tokenizer = self._build_visual_tokenizer()
-        self.loader = self._build_loader()
+        # The loader of the stage the run starts in (its stream weights); resume() replaces
+        # it with the checkpoint's stage, train() at every stage boundary.
+        self.stage: Stage = self.plan.at(0)
+        self.loader = self._build_loader(self.plan.data_config(self.stage))
         self.guard = LossGuard(cfg.guards)
         self.step = 0
         self.run_id = ""
@@ -111,16 +122,38 @@ class Trainer:
         tok = build_visual_tokenizer(self.cfg)
         return tok.to(self.device).eval().requires_grad_(False)
 
-    def _build_loader(self) -> BatchLoader:
-        if self.cfg.data.source == "synthetic":
+    def _build_loader(self, cfg: PretrainConfig) -> BatchLoader:
+        """The loader of one stage: `cfg` is the run's config with the stage's stream weights
+        and data seed (StagePlan.data_config)."""
+        if cfg.data.source == "synthetic":
             from megatron_style.data.synthetic_loader import SyntheticLoader
-            return SyntheticLoader(self.cfg, self.dp_rank, self.dp_world)
+            return SyntheticLoader(cfg, self.dp_rank, self.dp_world)
         from megatron_style.data.loader import build_train_loader
         from megatron_style.data.processor import SampleProcessor
         from megatron_style.data.build_tokenizers import build_text_tokenizer
-        self.text_tokenizer = build_text_tokenizer(self.cfg)
-        processor = SampleProcessor(self.cfg, self.text_tokenizer)
-        return build_train_loader(self.cfg, self.dp_rank, self.dp_world, processor)
+        if not hasattr(self, "text_tokenizer"):
+            self.text_tokenizer = build_text_tokenizer(self.cfg)
+        processor = SampleProcessor(cfg, self.text_tokenizer)
+        return build_train_loader(cfg, self.dp_rank, self.dp_world, processor)
+
+    def _enter_stage(self, stage: Stage, loader_state: Optional[dict] = None) -> None:
+        """Make `stage` the current one: its frozen units, and (when it is another stage than
+        the loader's) a loader with its stream weights, starting at its streams' beginning.
+        Each stage reads its streams from their start with its own shuffle (StagePlan), so
+        that a stage boundary needs no position carried between loaders of different mixes:
+        a run resumed at a boundary starts the next stage's loader exactly as the straight
+        run did."""
+        if stage.index != self.stage.index:
+            self.loader = self._build_loader(self.plan.data_config(stage))
+            if len(self.plan.stages) > 1:
+                self._log(f"after step {self.step}: "
+                          f"{self.plan.describe().splitlines()[stage.index]}")
+        self.stage = stage
+        self.freezer.apply(stage)
+
+    def weights(self) -> tuple[float, float, float]:
+        o = self.stage.objective
+        return (o.mdm, o.itc, o.itm)
 
     # ---- batches --------------------------------------------------------------------------
     def prepare(self, batch: PackedBatch) -> PackedBatch:
@@ -134,6 +167,20 @@ class Trainer:
             b.image_targets = b.image_targets.to(self.dtype)
         return b
 
+    def prepare_views(self, batch: PackedBatch):
+        """(the dual-encoder views of a CPU batch's pairs (ITC, ITM), the same on the device).
+        Built on the CPU: they are index arithmetic with a few host reads, which cost no device
+        sync there (batch/views.py)."""
+        from megatron_style.batch.views import dual_encoder_views
+        cpu = dual_encoder_views(batch, self.cfg.model)
+        return cpu, self.views_to_device(cpu)
+
+    def views_to_device(self, v):
+        images = v.images.to(self.device, non_blocking=True)
+        images.images = images.images.to(self.dtype)
+        return v._replace(images=images, texts=v.texts.to(self.device, non_blocking=True),
+                          pairs=v.pairs.to(self.device))
+
     # ---- checkpoints ----------------------------------------------------------------------
     def resume(self) -> Optional[str]:
         """Collective. Load the newest checkpoint every rank can load (checkpoint/resume.py);
@@ -145,7 +192,13 @@ class Trainer:
             client, rank_state = found.client, found.rank_state
             self.step = int(client["step"])
             self.guard.load_state_dict(client["guard"])
-            if rank_state is not None and not self.loader.layout_changed(rank_state["loader"]):
+            stage = self.plan.at(self.step)
+            self._enter_stage(stage)
+            if stage.index > 0 and self.step == stage.start:
+                # Saved at a stage boundary: its loader position is the previous stage's; the
+                # new stage's loader starts at its beginning, as in the uninterrupted run.
+                pass
+            elif rank_state is not None and not self.loader.layout_changed(rank_state["loader"]):
                 self.loader.load_state_dict(rank_state["loader"])
             else:
                 # Another number of ranks or loader workers: the readers own other shards now,
@@ -154,6 +207,8 @@ class Trainer:
                 self._log(f"checkpoint {found.tag_dir} was written with another data layout "
                           f"(ranks or data.num_workers): the data position is carried over: {where}")
             self.run_id = found.run_id
+        else:
+            self._enter_stage(self.plan.at(0))
         if not self.run_id:  # a new run (or one from before run ids): rank 0 names it
             self.run_id = on_rank0(lambda: uuid.uuid4().hex[:12])
         self.saved_step = self.step
@@ -224,8 +279,13 @@ class Trainer:
             while self.step < last:
                 self.watchdog.beat(f"step {self.step + 1}")
                 prof.step_begins(self.step + 1)
-                lr = learning_rate(self.step, cfg.steps, cfg.optim)
+                stage = self.plan.at(self.step)
+                if stage.index != self.stage.index:
+                    self._enter_stage(stage)
+                    it = iter(self.loader)
+                lr = self.plan.learning_rate(self.step)
                 set_learning_rate(base_optimizer(self.optimizer), lr)
+                weights = self.weights()
                 sources: list[str] = []
                 # finite-loss sum, micro-batches, non-finite ones: agreed on once per step
                 step_loss = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -234,11 +294,13 @@ class Trainer:
                         cpu_batch = next(it)
                         sources.extend(cpu_batch.sources)
                         b = self.prepare(cpu_batch)
+                        cpu_views, views = (self.prepare_views(cpu_batch) if weights[1] > 0
+                                            else (None, None))
                     with prof.range("forward"):
-                        out = self.engine(b)
+                        out = self.engine(b, weights=weights, views=views)
                     loss = out.loss
                     step_loss += loss_record(loss)  # on the device: no host sync per micro-batch
-                    acc.add(out.stats, cpu_batch, self._flops_fn)  # host metadata: no GPU sync
+                    acc.add(out, cpu_batch, self._flops_fn, cpu_views, weights)  # no GPU sync
                     with prof.range("backward"):
                         self.engine.backward(loss)
                     last_micro = micro == gas - 1
@@ -266,6 +328,8 @@ class Trainer:
                     self._log_metrics(acc, now - t_last, steps_since, lr, peak, decision)
                     acc = Accumulator(self.device)
                     t_last, steps_since = now, 0
+                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+                    self._validate()
                 self.metrics.advance()
                 if decision["preempt"]:
                     exit_code = self._stop_now(self.stop.describe())
@@ -286,6 +350,15 @@ class Trainer:
             prof.close()
             self.metrics.close()
         return exit_code
+
+    def _validate(self) -> None:
+        """Collective: the held-out set's numbers at this step (train/validation.py), into the
+        metrics; the training data order and random state are left as they were."""
+        if not hasattr(self, "validator"):
+            from megatron_style.train.validation import Validator
+            self.validator = Validator(self)
+        self.watchdog.beat(f"validation at step {self.step}")
+        self.validator.run(self.step)
 
     def _report_first_step(self, acc: Accumulator) -> None:
         """Tokens and FLOPs of one whole step, measured on the first one (all ranks)."""
@@ -332,6 +405,11 @@ class Trainer:
             if n > 0:
                 scalars[f"loss/{name}"] = float(totals["stats"][i, 0]) / n
                 scalars[f"acc/{name}"] = float(totals["stats"][i, 2]) / n
+        scalars.update(objective_metrics(totals["objective_stats"]))
+        if hasattr(self.model, "itc"):
+            scalars["itc/scale"] = float(totals["scale"])
+        if len(self.plan.stages) > 1:
+            scalars["stage"] = float(self.stage.index)
         gn = self.engine.get_global_grad_norm()
         if gn is not None and math.isfinite(float(gn)):
             scalars["grad_norm"] = float(gn)
@@ -384,6 +462,11 @@ class Trainer:
         ]
         if self.batch_note:
             lines.append(self.batch_note)
+        if len(self.plan.stages) > 1:
+            lines += self.plan.describe().splitlines()
+        elif self.cfg.objective.active() != ("mdm",):
+            o = self.cfg.objective
+            lines.append("objective: " + ", ".join(f"{n} x {getattr(o, n):g}" for n in o.active()))
         lines += self.init_report
         lines.append(f"resumed from {resumed} at step {self.step}" if resumed else "starting from scratch")
         for line in lines:

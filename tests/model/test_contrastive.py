@@ -116,7 +116,7 @@ def test_heads_init():
     cfg = _cfg()
     heads = ContrastiveHeads(cfg)
     assert heads.vision_head.bias is None and heads.language_head.bias is None
-    assert heads.logit_scale.shape == () and float(heads.logit_scale.detach()) == pytest.approx(2.65926, abs=1e-5)
+    assert heads.logit_scale.shape == (1,) and float(heads.logit_scale.detach()) == pytest.approx(2.65926, abs=1e-5)
     for w in (heads.vision_head.weight.detach(), heads.language_head.weight.detach()):
         assert w.shape == (cfg.dim, cfg.dim)
         assert float(w.abs().max()) <= cfg.init_std * (1 + 1e-6)          # beit: cut at 1 std
