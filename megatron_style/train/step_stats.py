@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_style.batch import TARGET_STREAMS, PackedBatch
+from megatron_style.batch.fusion import fusion_pairs
 from megatron_style.model.pretraining import OBJECTIVE_STATS, MaskedDataModel, MDMOutput
 
 
@@ -22,10 +23,11 @@ class Accumulator:
         self.counts = torch.zeros(3, dtype=torch.float64)  # samples, tokens, flops
 
     def add(self, out: MDMOutput, b: PackedBatch, flops_fn, views=None,
-            weights: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> None:
-        """`b` the CPU batch; `views` its dual-encoder views when ITC ran on them (their
-        forwards count as work too; ITM's fusion pass is counted as three pair forwards of
-        the pairs, its size up to the negatives' text lengths)."""
+            weights: tuple[float, float, float] = (1.0, 0.0, 0.0), model_cfg=None) -> None:
+        """`b` the CPU batch; `views` its dual-encoder views (on the CPU) when ITC ran on them:
+        their forwards count as work too, and ITM's fusion pass as three times the pairs put
+        back together (each pair and its two negatives: the same tokens up to the negative
+        texts' lengths)."""
         self.stats += out.stats.double()
         if out.objective_stats is not None:
             self.objective_stats += out.objective_stats.double()
@@ -36,7 +38,9 @@ class Accumulator:
             if views is not None:
                 flops += flops_fn(views.images) + flops_fn(views.texts)
                 if weights[2] > 0:
-                    flops += 3 * flops_fn(views.images) + 3 * flops_fn(views.texts)
+                    own = torch.arange(views.images.num_samples)
+                    flops += 3 * flops_fn(fusion_pairs(views.images, views.texts, own, own,
+                                                       model_cfg))
         self.counts += torch.tensor([b.num_samples, b.num_tokens, flops], dtype=torch.float64)
 
     def reduce(self, group) -> dict[str, Any]:

@@ -300,7 +300,7 @@ class Trainer:
                         out = self.engine(b, weights=weights, views=views)
                     loss = out.loss
                     step_loss += loss_record(loss)  # on the device: no host sync per micro-batch
-                    acc.add(out, cpu_batch, self._flops_fn, cpu_views, weights)  # no GPU sync
+                    acc.add(out, cpu_batch, self._flops_fn, cpu_views, weights, cfg.model)  # no GPU sync
                     with prof.range("backward"):
                         self.engine.backward(loss)
                     last_micro = micro == gas - 1
