@@ -129,7 +129,7 @@ def agree(results: list[selfcheck.Result], mode: str, device: torch.device,
 
 def _record(metrics, paths: dict[str, str], step: int, results) -> dict[str, str]:
     """kernels/<name> scalars (1 Triton, 0 reference) and the check's table as text, in
-    TensorBoard (rank 0's logger only). Not in metrics.jsonl, whose rows are training steps."""
+    TensorBoard (rank 0's logger only). Not in metrics.jsonl, whose rows are training steps and validations."""
     writer = getattr(metrics, "writer", None) if metrics is not None and metrics.enabled else None
     if writer is not None:
         for k, p in paths.items():

@@ -42,3 +42,19 @@ def test_heads_follow_every_stage_objective():
 def test_the_objective_recipes_load(recipe):
     cfg = load_config(f"configs/pretrain/{recipe}.yaml")
     assert cfg.objective.itc > 0 or any(s.objective and s.objective.itc > 0 for s in cfg.stages)
+
+
+def test_validation_on_shards_needs_eval_shards_that_exist(tmp_path):
+    from megatron_style.train.preflight import check_eval_paths
+    base = "configs/pretrain/base.yaml"
+    check_eval_paths(load_config(base))                      # no validation asked: nothing to check
+    with pytest.raises(ConfigError, match="eval.every_steps: validation on data.source shards"):
+        check_eval_paths(load_config(base, ["eval.every_steps=100"]))
+    with pytest.raises(ConfigError, match="eval.pair_shards"):
+        check_eval_paths(load_config(base, ["eval.every_steps=100",
+                                            f"eval.pair_shards={tmp_path}/val/{{000..002}}.tar"]))
+    (tmp_path / "val").mkdir()
+    for i in range(3):
+        (tmp_path / "val" / f"{i:03d}.tar").write_bytes(b"")
+    check_eval_paths(load_config(base, ["eval.every_steps=100",
+                                        f"eval.pair_shards={tmp_path}/val/{{000..002}}.tar"]))

@@ -1,5 +1,5 @@
-"""Stagewise runs through the real trainer (VLMo's stages): a run resumed at a stage boundary
-continues exactly as the uninterrupted one (the new stage's loader, frozen units, schedule and
+"""Stagewise runs through the real trainer (VLMo's stages): a run resumed at a stage boundary,
+and one resumed inside a stage, continue exactly as the uninterrupted one (the new stage's loader, frozen units, schedule and
 objectives), and a stage's frozen units come out of it bit-identical while the rest train,
 with ITC and ITM computed under ZeRO-3 on two ranks. The freezing mechanism itself, at every
 ZeRO stage and against the optimizer state, is tests/train/test_stages.py's."""
@@ -22,14 +22,19 @@ BOUNDARY = [*TINY, "data.source=demo", "data.num_workers=1", "data.masking.image
 
 
 def test_three_plus_three_across_a_stage_boundary_equal_six_straight(tmp_path):
+    """Stopped at the boundary (step 3), then inside the second stage (step 5): both resumes
+    continue the uninterrupted run exactly."""
     straight = pretrain([*BOUNDARY, *run_dirs(tmp_path, "a")], ranks=2)
     assert straight.returncode == 0, explain(straight)
     assert "after step 3: stage 2/2 'second'" in straight.stdout
     first = pretrain([*BOUNDARY, *run_dirs(tmp_path, "b"), "stop_at_step=3"], ranks=2)
     assert first.returncode == 0, explain(first)
-    second = pretrain([*BOUNDARY, *run_dirs(tmp_path, "b")], ranks=2)
+    second = pretrain([*BOUNDARY, *run_dirs(tmp_path, "b"), "stop_at_step=5"], ranks=2)
     assert second.returncode == 0, explain(second)
     assert "at step 3" in second.stdout
+    third = pretrain([*BOUNDARY, *run_dirs(tmp_path, "b")], ranks=2)
+    assert third.returncode == 0, explain(third)
+    assert "at step 5" in third.stdout
     a, b = metrics(tmp_path, "a"), metrics(tmp_path, "b")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "lr", "loss/itc", "loss/itm"):
