@@ -37,9 +37,27 @@ def load_model_file(model: nn.Module, path: str) -> list[str]:
         load_released_state_dict(model, fitted)
         return [f"init_from {path}: released BEiT-3 layout, {len(fitted)} tensors loaded"] + \
             [f"init_from: {n}" for n in notes]
+    # The optional objectives' heads (ITC `itc.*`, ITM `itm.*`) may be on one side only: an
+    # MDM-pretrained file starts an ITC tuning (its heads are new), an ITC-tuned file starts
+    # an MDM-only run (its heads have no use there). Anything else must fit exactly.
+    optional = ("itc.", "itm.")
+    sd = dict(sd)
+    own = model.state_dict()
+    unused = sorted(k for k in sd if k.startswith(optional) and k not in own)
+    for k in unused:
+        del sd[k]
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    created = sorted(k for k in missing if k.startswith(optional))
+    missing = [k for k in missing if not k.startswith(optional)]
     if missing or unexpected:
         raise ValueError(f"{path}: does not fit the model: missing {missing[:10]}"
                          f"{'...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
                          f"{'...' if len(unexpected) > 10 else ''}")
-    return [f"init_from {path}: {len(sd)} tensors loaded (this project's layout)"]
+    report = [f"init_from {path}: {len(sd)} tensors loaded (this project's layout)"]
+    if created:
+        report.append(f"init_from: created {', '.join(created)}: the file has no such heads, "
+                      "they start from model.init")
+    if unused:
+        report.append(f"init_from: ignored {', '.join(unused)}: this run's objectives do not "
+                      "use those heads")
+    return report

@@ -32,7 +32,7 @@ confusions of a 1024-pair union are much closer than those of a 32-pair rank.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -160,7 +160,7 @@ def matching_loss(beit3: MultiwayTransformer, head: MatchingHead, images: Packed
                   img_all: torch.Tensor, txt_all: torch.Tensor, offset: int,
                   group: Optional[dist.ProcessGroup], cfg: ModelConfig,
                   generator: Optional[torch.Generator] = None,
-                  sim_scale: float = 1.0) -> MatchingOutput:
+                  sim_scale: Union[float, torch.Tensor] = 1.0) -> MatchingOutput:
     """ITM with hard negatives over the pairs of every rank of `group` (see the module
     docstring).
 

@@ -150,8 +150,9 @@ class MaskedDataModel(nn.Module):
                 itm = matching_loss(self.beit3, self.itm, views.images, views.texts,
                                     img.detach(), txt.detach(), g[:, :D], g[:, D:], itc.offset,
                                     self.contrastive_group, self.cfg,
-                                    # negatives drawn from the ITC logits, as VLMo does
-                                    sim_scale=float(itc.scale))
+                                    # negatives drawn from the ITC logits, as VLMo does (the
+                                    # scale as a tensor: no host sync)
+                                    sim_scale=itc.scale)
                 total = total + w_itm * itm.loss
                 obj[4:] = itm.stats
         else:

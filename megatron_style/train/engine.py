@@ -115,6 +115,7 @@ class SkippableStep:
         active = [g for g in groups if g.get("unit") not in frozen]
         if len(active) == len(groups):
             return super().step(*args, **kwargs)  # type: ignore[misc]
+        self._zero_state([g for g in groups if g.get("unit") in frozen])
         if not active:
             return None
         self.param_groups = active
@@ -122,6 +123,28 @@ class SkippableStep:
             return super().step(*args, **kwargs)  # type: ignore[misc]
         finally:
             self.param_groups = groups
+
+    def _zero_state(self, groups: list[dict]) -> None:
+        """Give the parameters of frozen groups that were never stepped the state AdamW would
+        create at their first step (step 0, zero moments). A unit frozen from step 0 otherwise
+        has none, and DeepSpeed's universal checkpoint (an elastic resume on another number of
+        ranks) cannot convert a group without moments. The values are exactly what AdamW's
+        first step starts from, so nothing changes numerically. torch's AdamW only: other
+        optimizers keep their own state layout."""
+        if not isinstance(self, torch.optim.Adam):
+            return
+        fused = bool(self.defaults.get("fused")) or bool(self.defaults.get("capturable"))
+        for g in groups:
+            for p in g["params"]:
+                if self.state.get(p):
+                    continue
+                step = (torch.zeros((), dtype=torch.float32, device=p.device) if fused
+                        else torch.tensor(0.0, dtype=torch.float32))
+                state = {"step": step, "exp_avg": torch.zeros_like(p),
+                         "exp_avg_sq": torch.zeros_like(p)}
+                if g.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(p)
+                self.state[p] = state
 
     @property
     def skip_next(self) -> bool:

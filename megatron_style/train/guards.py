@@ -52,6 +52,10 @@ class LossGuard:
             self.recent.popleft()
         return message
 
+    def new_window(self) -> None:
+        """Forget the running mean (a stage boundary: other objectives, another loss level)."""
+        self.recent.clear()
+
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_total": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row,
                 "spikes": self.spikes, "recent": list(self.recent)}

@@ -160,8 +160,9 @@ class StagePlan:
 
     def at(self, step: int) -> Stage:
         """The stage that runs the optimizer step after `step` completed steps; at
-        step == cfg.steps (the run is over) the last one."""
-        if not 0 <= step <= self.cfg.steps:
+        step >= cfg.steps (the run is over; a checkpoint of a run that was given more steps
+        may be past the end, and the trainer then says there is nothing to train) the last."""
+        if step < 0:
             raise ValueError(f"step {step} is outside the run's 0..{self.cfg.steps}")
         for s in self.stages:
             if step < s.end:

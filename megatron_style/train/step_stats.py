@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_style.batch import TARGET_STREAMS, PackedBatch
-from megatron_style.batch.fusion import fusion_pairs
 from megatron_style.model.pretraining import OBJECTIVE_STATS, MaskedDataModel, MDMOutput
 
 
@@ -23,7 +22,7 @@ class Accumulator:
         self.counts = torch.zeros(3, dtype=torch.float64)  # samples, tokens, flops
 
     def add(self, out: MDMOutput, b: PackedBatch, flops_fn, views=None,
-            weights: tuple[float, float, float] = (1.0, 0.0, 0.0), model_cfg=None) -> None:
+            weights: tuple[float, float, float] = (1.0, 0.0, 0.0), itm_flops_fn=None) -> None:
         """`b` the CPU batch; `views` its dual-encoder views (on the CPU) when ITC ran on them:
         their forwards count as work too, and ITM's fusion pass as three times the pairs put
         back together (each pair and its two negatives: the same tokens up to the negative
@@ -37,10 +36,9 @@ class Accumulator:
             flops = flops_fn(b) if weights[0] > 0 else 0.0
             if views is not None:
                 flops += flops_fn(views.images) + flops_fn(views.texts)
-                if weights[2] > 0:
-                    own = torch.arange(views.images.num_samples)
-                    flops += 3 * flops_fn(fusion_pairs(views.images, views.texts, own, own,
-                                                       model_cfg))
+                if weights[2] > 0 and itm_flops_fn is not None:
+                    cu = views.texts.cu_seqlens
+                    flops += itm_flops_fn((cu[1:] - cu[:-1]).tolist())
         self.counts += torch.tensor([b.num_samples, b.num_tokens, flops], dtype=torch.float64)
 
     def reduce(self, group) -> dict[str, Any]:
@@ -61,6 +59,17 @@ def loss_record(loss: torch.Tensor) -> torch.Tensor:
     bad = ~torch.isfinite(loss)
     return torch.stack([torch.where(bad, torch.zeros_like(loss), loss),
                         torch.ones_like(loss), bad.double()])
+
+
+def itm_flops_function(model: MaskedDataModel):
+    """Training FLOPs of ITM's fusion batch from the pairs' text lengths: each pair and its two
+    negatives, three unmasked pair forwards (the negatives' texts have other lengths: close)."""
+    try:
+        from megatron_style.model.flops import sample_flops
+    except ImportError:
+        return None
+    return lambda lens: 3.0 * sum(sample_flops(model, "pair", int(n), masked_patches=0,
+                                               masked_text=0) for n in lens)
 
 
 def flops_function(model: MaskedDataModel):

@@ -42,7 +42,8 @@ from megatron_style.train.exit_codes import OK as EXIT_OK
 from megatron_style.train.exit_codes import PREEMPTED as EXIT_PREEMPTED
 from megatron_style.train.exit_codes import STOPPED as EXIT_STOPPED
 from megatron_style.train.signals import StopRequest
-from megatron_style.train.step_stats import Accumulator, flops_function, loss_record
+from megatron_style.train.step_stats import (Accumulator, flops_function, itm_flops_function,
+                                             loss_record)
 from megatron_style.train.watchdog import Watchdog
 
 
@@ -103,6 +104,7 @@ class Trainer:
         self.saved_step: Optional[int] = None
         self.writer: Optional[CheckpointWriter] = None
         self._flops_fn = flops_function(self.model)
+        self._itm_flops_fn = itm_flops_function(self.model)
 
     # ---- setup ----------------------------------------------------------------------------
     def _setup_parallel(self) -> None:
@@ -143,6 +145,10 @@ class Trainer:
         that a stage boundary needs no position carried between loaders of different mixes:
         a run resumed at a boundary starts the next stage's loader exactly as the straight
         run did."""
+        if stage.index > 0 and self.step == stage.start:
+            # The objectives change here: a loss level of the last stage is no reference.
+            # (Also when a run resumes exactly here, whose guard holds the last stage's.)
+            self.guard.new_window()
         if stage.index != self.stage.index:
             self.loader = self._build_loader(self.plan.data_config(stage))
             if len(self.plan.stages) > 1:
@@ -300,7 +306,7 @@ class Trainer:
                         out = self.engine(b, weights=weights, views=views)
                     loss = out.loss
                     step_loss += loss_record(loss)  # on the device: no host sync per micro-batch
-                    acc.add(out, cpu_batch, self._flops_fn, cpu_views, weights, cfg.model)  # no GPU sync
+                    acc.add(out, cpu_batch, self._flops_fn, cpu_views, weights, self._itm_flops_fn)  # no GPU sync
                     with prof.range("backward"):
                         self.engine.backward(loss)
                     last_micro = micro == gas - 1
@@ -328,7 +334,8 @@ class Trainer:
                     self._log_metrics(acc, now - t_last, steps_since, lr, peak, decision)
                     acc = Accumulator(self.device)
                     t_last, steps_since = now, 0
-                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+                if (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0
+                        and not decision["preempt"]):   # a preempted job saves first
                     self._validate()
                 self.metrics.advance()
                 if decision["preempt"]:
@@ -406,7 +413,7 @@ class Trainer:
                 scalars[f"loss/{name}"] = float(totals["stats"][i, 0]) / n
                 scalars[f"acc/{name}"] = float(totals["stats"][i, 2]) / n
         scalars.update(objective_metrics(totals["objective_stats"]))
-        if hasattr(self.model, "itc"):
+        if float(totals["objective_stats"][3]) > 0:   # ITC ran in this interval
             scalars["itc/scale"] = float(totals["scale"])
         if len(self.plan.stages) > 1:
             scalars["stage"] = float(self.stage.index)

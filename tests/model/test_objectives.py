@@ -81,3 +81,26 @@ def test_weights_that_need_missing_heads_are_refused():
         m(random_batch(cfg, 1, 1, 2, seed=5), weights=(1.0, 1.0, 0.0))
     with pytest.raises(ValueError, match="unknown heads"):
         MaskedDataModel(cfg, heads=("itx",))
+
+
+def test_init_from_our_layout_across_the_optional_heads(tmp_path):
+    """An MDM-only export starts an ITC run (heads created, reported); an ITC export starts an
+    MDM-only run (heads ignored, reported); every shared tensor is the file's."""
+    from megatron_style.checkpoint.model_files import load_model_file
+    cfg = _cfg()
+    plain, with_itc = _model(cfg, heads=(), seed=1), _model(cfg, heads=("itc", "itm"), seed=2)
+    torch.save({"model": plain.state_dict()}, tmp_path / "mdm.pt")
+    torch.save({"model": with_itc.state_dict()}, tmp_path / "itc.pt")
+    target = _model(cfg, heads=("itc", "itm"), seed=3)
+    heads_before = {k: v.clone() for k, v in target.state_dict().items() if k.startswith(("itc.", "itm."))}
+    report = load_model_file(target, str(tmp_path / "mdm.pt"))
+    assert any(r.startswith("init_from: created itc.language_head.weight") for r in report)
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, heads_before[k] if k in heads_before else plain.state_dict()[k]), k
+    back = _model(cfg, heads=(), seed=4)
+    report = load_model_file(back, str(tmp_path / "itc.pt"))
+    assert any(r.startswith("init_from: ignored itc.") for r in report)
+    assert all(torch.equal(v, with_itc.state_dict()[k]) for k, v in back.state_dict().items())
+    torch.save({"model": {**plain.state_dict(), "beit3.extra": torch.zeros(1)}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="unexpected"):
+        load_model_file(_model(cfg, heads=()), str(tmp_path / "bad.pt"))

@@ -70,3 +70,20 @@ def test_frozen_units_are_bit_identical_across_their_stage_under_zero3(tmp_path)
     assert {parameter_unit(k) for k in moved} == trained
     rows = metrics(tmp_path)
     assert all(r["loss/itm"] > 0 and 0 <= r["acc/itc_i2t"] <= 1 for r in rows[2:])
+
+
+def test_a_stage_run_resumes_on_another_number_of_ranks(tmp_path):
+    """Units frozen since step 0 have never been stepped; their optimizer state must still be
+    there (zeros) for DeepSpeed's universal checkpoint, which an elastic resume goes through."""
+    args = [*TINY, *run_dirs(tmp_path), "steps=4", "parallel.zero_stage=1",
+            "checkpoint.every_steps=100", "data.micro_batch_size=9",
+            "stages=[{steps: 2, train: [attention, vision_ffn, vision_embed, vision_head]}, "
+            "{steps: 2, objective: {mdm: 1, itc: 1}}]"]
+    first = pretrain([*args, "stop_at_step=2"], ranks=2)
+    assert first.returncode == 0, explain(first)
+    second = pretrain(args, ranks=1)
+    assert second.returncode == 0, explain(second)
+    assert "at step 2" in second.stdout
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["loss"] == r["loss"] and "loss/itc" in r for r in rows[2:])
