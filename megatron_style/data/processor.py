@@ -46,10 +46,13 @@ class SampleProcessor:
         self.flip = {k: cfg.data.flips(k) for k in ("image", "pair")}
         self.text_ratio = {"text": mk.text_ratio, "pair": mk.pair_text_ratio}
 
-    def __call__(self, raw: RawSample, rng: np.random.Generator) -> Sample:
+    def __call__(self, raw: RawSample, rng: np.random.Generator, train: bool = True) -> Sample:
+        """One masked sample; `train=False` (validation): the evaluation view of the image
+        (whole, unflipped, no jitter), masks and text corruption still drawn from `rng`."""
         s = Sample(source=raw.source)
         if raw.kind in ("image", "pair"):
-            s.image, s.tokenizer_image = self.image_views(raw.image, rng, raw.kind, raw.source)
+            s.image, s.tokenizer_image = self.image_views(raw.image, rng if train else None,
+                                                          raw.kind, raw.source, train=train)
             s.image_mask = torch.from_numpy(self.image_maskers[raw.kind](rng))
         if raw.kind in ("text", "pair"):
             ids = self.text_ids(raw.text, raw.source)

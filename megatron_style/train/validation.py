@@ -78,21 +78,9 @@ def mask_rng(seed: int, stream: str, index: int) -> np.random.Generator:
 
 def held_out_sample(proc, raw: RawSample, rng: np.random.Generator) -> Sample:
     """`raw` through the run's SampleProcessor as training would process it, but with the
-    evaluation view of the image (image_views(train=False): whole, unflipped, no jitter);
-    masks and text corruption are drawn from `rng`. Raises BadSample as the processor does."""
-    s = Sample(source=raw.source)
-    if raw.kind in ("image", "pair"):
-        s.image, s.tokenizer_image = proc.image_views(raw.image, None, raw.kind, raw.source,
-                                                      train=False)
-        s.image_mask = torch.from_numpy(proc.image_maskers[raw.kind](rng))
-    if raw.kind in ("text", "pair"):
-        from megatron_style.data.masking import text_mask
-        ids = proc.text_ids(raw.text, raw.source)
-        mask = text_mask(ids, proc.tok.special_ids, proc.text_ratio[raw.kind], rng, raw.source)
-        s.text_targets = torch.tensor(ids, dtype=torch.long)
-        s.text_mask = torch.from_numpy(mask)
-        s.text = torch.from_numpy(proc.corrupt(np.asarray(ids), mask, rng))
-    return s
+    evaluation view of the image (whole, unflipped, no jitter); masks and text corruption are
+    drawn from `rng`. Raises BadSample as the processor does."""
+    return proc(raw, rng, train=False)
 
 
 def _demo_raw(cfg: PretrainConfig, stream: str) -> Iterator[RawSample]:

@@ -4,7 +4,6 @@ retrieval layout (unilm BEiT3ForRetrieval: beit3.* + vision_head, language_head,
 The multi-rank invariants are tests/parallel/test_contrastive_ranks.py's."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_style.batch import (KIND_PAIR, PackedBatch, Route, Sample, dual_encoder_views,
+from megatron_style.batch import (KIND_PAIR, Sample, dual_encoder_views,
                                   pack_samples, validate_packed)
 from megatron_style.batch.synthetic import random_sample
 from megatron_style.checkpoint.model_files import load_model_file
@@ -25,6 +24,7 @@ from megatron_style.model.released_checkpoint import (export_released_state_dict
                                                       fit_released_state_dict,
                                                       load_released_state_dict)
 from megatron_style.model.retrieval import retrieval_recall
+from tests.model.batch_compare import assert_same_batch
 
 ITC_KEYS = ("vision_head.weight", "language_head.weight", "logit_scale")
 KINDS = ["pair", "image", "text", "pair", "text", "pair", "image", "pair"]
@@ -41,18 +41,6 @@ def _samples(cfg, seed=0):
 
 
 # ---- views ------------------------------------------------------------------------------
-def _assert_same_batch(got: PackedBatch, want: PackedBatch):
-    for f in dataclasses.fields(PackedBatch):
-        a, b = getattr(got, f.name), getattr(want, f.name)
-        if isinstance(b, torch.Tensor):
-            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f.name
-        elif isinstance(b, Route):
-            assert a.counts == b.counts and torch.equal(a.perm, b.perm) \
-                and torch.equal(a.inv, b.inv), f.name
-        else:
-            assert a == b, f.name
-
-
 @pytest.mark.parametrize("visual_target", ["tokens", "pixels"])
 def test_views_equal_packing_the_unmasked_pair_samples(visual_target):
     cfg = _cfg(visual_target=visual_target)
@@ -64,8 +52,8 @@ def test_views_equal_packing_the_unmasked_pair_samples(visual_target):
     v = dual_encoder_views(b, cfg)
     want_img = pack_samples([Sample(image=s.image, source=s.source) for s in pairs], cfg)
     want_txt = pack_samples([Sample(text=s.text_targets, source=s.source) for s in pairs], cfg)
-    _assert_same_batch(v.images, want_img)
-    _assert_same_batch(v.texts, want_txt)
+    assert_same_batch(v.images, want_img)
+    assert_same_batch(v.texts, want_txt)
     assert v.pairs.tolist() == [i for i, k in enumerate(KINDS) if k == "pair"]
     assert not v.images.image_mask.any()
     validate_packed(v.images, cfg)

@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_style.batch import (KIND_PAIR, VISION, VL, PackedBatch, Route, Sample, dual_encoder_views,
+from megatron_style.batch import (KIND_PAIR, VISION, VL, Sample, dual_encoder_views,
                                   pack_samples, validate_packed)
 from megatron_style.batch.fusion import fusion_pairs, gather_views
 from megatron_style.batch.synthetic import random_sample
 from megatron_style.config import model_config
 from megatron_style.model import MultiwayTransformer
 from megatron_style.model.matching import MatchingHead, hard_negatives, matching_loss, same_captions
+from tests.model.batch_compare import assert_same_batch
 from tests.parallel.tp_launch import run_workers
 
 KINDS = ["pair", "image", "pair", "text", "pair", "pair", "image"]
@@ -35,20 +36,6 @@ def _named(samples, prefix):
     for i, s in enumerate(samples):
         s.source = f"{prefix}/{i}"
     return samples
-
-
-def _assert_same_batch(got: PackedBatch, want: PackedBatch, skip=()):
-    for f in dataclasses.fields(PackedBatch):
-        if f.name in skip:
-            continue
-        a, b = getattr(got, f.name), getattr(want, f.name)
-        if isinstance(b, torch.Tensor):
-            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f.name
-        elif isinstance(b, Route):
-            assert a.counts == b.counts and torch.equal(a.perm, b.perm) \
-                and torch.equal(a.inv, b.inv), f.name
-        else:
-            assert a == b, f.name
 
 
 def _fusion_reference(pairs, image_index, text_index, cfg):
@@ -87,7 +74,7 @@ def test_fusion_pairs_equal_packing_the_pair_samples(seed):
     assert len(set(ii.tolist())) < 9 and len(set(ti.tolist())) < 9   # repeats are exercised
     got = fusion_pairs(v.images, v.texts, ii, ti, cfg)
     want = _fusion_reference(pairs, ii, ti, cfg)
-    _assert_same_batch(got, want)
+    assert_same_batch(got, want)
     validate_packed(got, cfg)
     assert got.sources[0] == f"{pairs[int(ii[0])].source}+{pairs[int(ti[0])].source}"
     assert all(s.startswith("shard/") for s in got.sources[0].split("+"))
@@ -347,8 +334,8 @@ def test_gathered_views_equal_the_views_of_the_union(two_ranks):
     pairs = _union_pairs(cfg)
     want = dual_encoder_views(pack_samples(pairs, cfg), cfg)
     for r in two_ranks:
-        _assert_same_batch(r["images"], want.images, skip=("sources",))
-        _assert_same_batch(r["texts"], want.texts, skip=("sources",))
+        assert_same_batch(r["images"], want.images, skip=("sources",))
+        assert_same_batch(r["texts"], want.texts, skip=("sources",))
         assert r["images"].sources == [] and r["texts"].sources == []
     lens = (want.texts.cu_seqlens[1:] - want.texts.cu_seqlens[:-1]).tolist()
     assert len(set(lens[:SPLIT[0]]) | set(lens[SPLIT[0]:])) > 1   # unequal text lengths
