@@ -36,3 +36,16 @@ def test_guard_reports_spikes_against_running_mean():
     msg = g.check(8, 9.0, True)
     assert msg is not None and "step 8" in msg
     assert g.check(9, 2.1, True) is None
+
+
+def test_a_new_window_forgets_the_last_stage_loss_level():
+    """At a stage boundary the objectives change (ITC and ITM join: the loss triples): the
+    running mean starts afresh instead of reporting the new level as a spike."""
+    g = LossGuard(GuardConfig(spike_factor=3.0, spike_window=8))
+    for step in range(1, 9):
+        assert g.check(step, 1.0, True) is None
+    assert g.check(9, 4.0, True) is not None     # the old level: a spike
+    g.new_window()
+    for step in range(10, 14):
+        assert g.check(step, 4.0, True) is None
+    assert g.spikes == 1 and len(g.recent) == 4
