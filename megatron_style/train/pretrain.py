@@ -101,17 +101,50 @@ def run(cfg: PretrainConfig, stop: StopRequest) -> int:
 def fail(rank: int, e: BaseException) -> None:
     """End this rank now: its traceback, then os._exit. No barrier, no process-group teardown
     and no interpreter cleanup: each could wait forever on a peer that is gone, or on this
-    rank's own stuck loader workers (they notice their parent is gone and exit)."""
-    if isinstance(e, ConfigError):  # a check that can only run once the processes exist
-        print(f"ConfigError: {e}", file=sys.stderr, flush=True)
-        _exit(exit_codes.BAD_CONFIG)
-    hint = ""
+    rank's own stuck loader workers (they notice their parent is gone and exit).
+
+    Nothing may stop the `rank N: FAILED` line: Python runs signal handlers between any two
+    bytecodes, and torch's DataLoader SIGCHLD handler raises again each time another child
+    exits while a dead worker is still registered (a loader shutting its workers down as the
+    exception unwinds). Such a second exception inside this report once ended a rank with
+    status 1 and no FAILED line, so the handler goes first and anything else raised here still
+    ends in the line and the exit status."""
+    _quiet_child_signals()
+    code, line = exit_codes.FAILED, f"rank {rank}: FAILED: {type(e).__name__}"
+    try:
+        if isinstance(e, ConfigError):  # a check that can only run once the processes exist
+            code, line = exit_codes.BAD_CONFIG, f"ConfigError: {e}"
+        else:
+            sys.stderr.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+            line = f"rank {rank}: FAILED: {type(e).__name__}: {str(e).rstrip()}{_hint(e)}"
+    except BaseException:  # noqa: BLE001 - the report is best-effort, the line is not
+        pass
+    try:
+        print(line, file=sys.stderr, flush=True)
+    finally:
+        _exit(code)
+
+
+def _quiet_child_signals() -> None:
+    import signal
+
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGCHLD
+        pass
+
+
+def _hint(e: BaseException) -> str:
+    """What the failure most likely was, for the one-line summary."""
+    files = [f.filename.replace(os.sep, "/") for f in traceback.extract_tb(e.__traceback__)]
+    if any("/torch/utils/data/" in f or "/multiprocessing/" in f for f in files) or \
+            "DataLoader worker" in str(e):
+        return (" (the data loader failed on this rank: a worker process died or raised, see "
+                "'DataLoader worker' above; a worker killed by signal 9 is often the "
+                "kernel's out-of-memory killer)")
     if _is_collective_failure(e):
-        hint = " (a collective failed: another rank probably failed first; see its message)"
-    lines = traceback.format_exception(type(e), e, e.__traceback__)
-    sys.stderr.write("".join(lines))
-    print(f"rank {rank}: FAILED: {type(e).__name__}: {e}{hint}", file=sys.stderr, flush=True)
-    _exit(exit_codes.FAILED)
+        return " (a collective failed: another rank probably failed first; see its message)"
+    return ""
 
 
 def _is_collective_failure(e: BaseException) -> bool:

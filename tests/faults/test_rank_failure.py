@@ -30,6 +30,8 @@ def test_a_killed_loader_worker_ends_the_job_fast(tmp_path):
     print(f"killed worker -> job ended in {time.monotonic() - t_kill:.1f} s, status {code}")
     assert code == 1, out[-4000:]
     assert "rank 1: FAILED" in out and "DataLoader worker" in out, out[-4000:]
+    failed_line = next(line for line in out.splitlines() if line.startswith("rank 1: FAILED"))
+    assert "the data loader failed on this rank" in failed_line, failed_line
     assert not [p for p in run.tree() if p.is_running()], "trainer processes outlived the job"
 
 
