@@ -75,9 +75,14 @@ class EvalConfig:
     seed: int = 4321
 
 
+def run_objectives(cfg) -> tuple[str, ...]:
+    """Every objective ("mdm", "itc", "itm") that any stage (or the run) gives a weight > 0."""
+    objectives = [st.objective or cfg.objective for st in cfg.stages] or [cfg.objective]
+    return tuple(n for n in ("mdm", "itc", "itm") if any(getattr(o, n) > 0 for o in objectives))
+
+
 def model_heads(cfg) -> tuple[str, ...]:
     """The optional heads a run's model holds ("itc", "itm"): those of every objective that
     any stage (or the run) gives a weight > 0. Fixed for the whole run, so that a checkpoint
     holds the same tensors before and after a stage boundary."""
-    objectives = [st.objective or cfg.objective for st in cfg.stages] or [cfg.objective]
-    return tuple(h for h in ("itc", "itm") if any(getattr(o, h) > 0 for o in objectives))
+    return tuple(h for h in run_objectives(cfg) if h != "mdm")

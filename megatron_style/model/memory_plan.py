@@ -24,8 +24,18 @@ row statistics; linears that keep their input), T tokens, hidden D, FFN width F,
 With activation checkpointing each layer keeps only its input (T x D) and one layer at a time
 is recomputed in backward.
 
+Objectives beyond masked data modeling run forwards of their own through every layer, each
+costed as above with its own T: ITC encodes the pairs' images and texts apart (two forwards,
+pairs x image tokens and pairs x text tokens), ITM runs a fusion batch of three samples per
+pair (the pair, a negative text, a negative image). Around the layers they add the views'
+image copy, ITM's images gathered from every data-parallel rank plus its fusion batch's
+images, the gathered ITC features and logits (fp32) and the heads' inputs. With
+checkpointing, every forward keeps its layers' inputs and the largest one's layer is the
+one recomputed at a time.
+
     beit3-memory-plan --preset giant --gpus 8 --tensor 2 --zero 1 2 3 \
         --images 16 --texts 16 --pairs 16 --text-len 64
+    beit3-memory-plan --config configs/pretrain/vlmo_base.yaml --gpus 64   (MDM + ITC + ITM)
 """
 from __future__ import annotations
 
@@ -67,6 +77,51 @@ class MicroBatch:
 
 
 @dataclass(frozen=True)
+class Objectives:
+    """Which objectives the planned run computes: for a recipe, every objective that any of
+    its stages gives a weight > 0 (the heaviest stage sets the peak)."""
+
+    mdm: bool = True
+    itc: bool = False
+    itm: bool = False
+
+    def __post_init__(self) -> None:
+        if not (self.mdm or self.itc or self.itm):
+            raise ValueError("objectives: none of mdm, itc, itm is on; at least one is needed")
+        if self.itm and not self.itc:
+            raise ValueError("objectives: itm draws its negatives from ITC's similarities, so "
+                             "it needs itc too")
+
+    @classmethod
+    def named(cls, names) -> "Objectives":
+        names = set(names)
+        unknown = names - {"mdm", "itc", "itm"}
+        if unknown:
+            raise ValueError(f"objectives {sorted(unknown)}: not known; use mdm, itc, itm")
+        return cls(mdm="mdm" in names, itc="itc" in names, itm="itm" in names)
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return tuple(h for h in ("itc", "itm") if getattr(self, h))
+
+    def describe(self) -> str:
+        return " + ".join(n.upper() for n in ("mdm", "itc", "itm") if getattr(self, n))
+
+    def forwards(self, cfg: ModelConfig, mb: "MicroBatch") -> dict[str, int]:
+        """Tokens of each forward through the layers, per micro-batch (pairs with text_len)."""
+        n = cfg.image_tokens
+        out = {}
+        if self.mdm:
+            out["MDM"] = mb.tokens(cfg)
+        if self.itc and mb.pairs:
+            out["ITC images"] = mb.pairs * n
+            out["ITC texts"] = mb.pairs * mb.text_len
+        if self.itm and mb.pairs:
+            out["ITM"] = 3 * mb.pairs * (n + mb.text_len)
+        return out
+
+
+@dataclass(frozen=True)
 class LocalShapes:
     """What one tensor rank holds, read from the meta-device model."""
 
@@ -83,12 +138,15 @@ class LocalShapes:
     visual_vocab: int           # local rows of the image head (0 for pixel regression)
 
 
-def local_shapes(cfg: ModelConfig, tensor: int, tensor_rank: int = 0) -> LocalShapes:
+def local_shapes(cfg: ModelConfig, tensor: int, tensor_rank: int = 0,
+                 heads: tuple[str, ...] = ()) -> LocalShapes:
+    """`heads`: the optional ITC / ITM heads the run's model holds (Objectives.heads)."""
     if not 0 <= tensor_rank < tensor:
         raise ValueError(f"tensor rank {tensor_rank} is not in [0, {tensor})")
     with torch.device("meta"):
-        full = MaskedDataModel(cfg, None)
-        m = full if tensor == 1 else MaskedDataModel(cfg, TPGroup(None, tensor_rank, tensor))
+        full = MaskedDataModel(cfg, None, heads=heads)
+        m = full if tensor == 1 else MaskedDataModel(cfg, TPGroup(None, tensor_rank, tensor),
+                                                     heads=heads)
     block = m.beit3.layers[0]
     return LocalShapes(
         params=sum(p.numel() for p in m.parameters()),
@@ -121,36 +179,62 @@ class MemoryPlan:
 
 
 def activation_bytes(s: LocalShapes, cfg: ModelConfig, mb: MicroBatch, masking: MaskingConfig,
-                     act_bytes: int, tensor: int) -> dict[str, int]:
-    T = mb.tokens(cfg)
+                     act_bytes: int, tensor: int, objectives: Objectives = Objectives(),
+                     data_parallel: int = 1) -> dict[str, int]:
+    """Bytes kept for backward: "layer" (one layer of every forward), "layer_max" (one layer
+    of the largest forward), "block_input" (every forward's input of one layer), "edges"
+    (outside the layers), "tokens" (through the layers, all forwards)."""
     D = s.dim
-    replicated = 4 * T * D * act_bytes
-    split = ((5 + int(s.decoupled)) * T * s.attn_width + 3 * T * s.ffn_width) * act_bytes
-    fp32_stats = (4 * 2 * T + s.local_heads * T) * 4
-    layer = replicated + split + fp32_stats
-    images = (mb.images + mb.pairs) * cfg.in_chans * cfg.img_size ** 2 * act_bytes
-    m_img, m_txt = mb.masked(cfg, masking)
-    heads = 2 * (m_img + m_txt) * D * act_bytes
-    if tensor > 1:   # vocab-parallel cross-entropy keeps exp(logits) of its rows, fp32
-        heads += 4 * (m_img * s.visual_vocab + m_txt * s.text_vocab)
-    else:            # the chunked kernel keeps one log-sum-exp per row
-        heads += 4 * (m_img + m_txt)
-    if cfg.visual_target == "pixels":
-        heads += 4 * m_img * cfg.patch_dim
-    return {"layer": layer, "replicated_layer": replicated, "block_input": T * D * act_bytes,
-            "edges": images + heads, "tokens": T}
+
+    def replicated(T: int) -> int:
+        return 4 * T * D * act_bytes
+
+    def layer(T: int) -> int:
+        split = ((5 + int(s.decoupled)) * T * s.attn_width + 3 * T * s.ffn_width) * act_bytes
+        fp32_stats = (4 * 2 * T + s.local_heads * T) * 4
+        return replicated(T) + split + fp32_stats
+
+    forwards = objectives.forwards(cfg, mb)
+    image_bytes = cfg.in_chans * cfg.img_size ** 2 * act_bytes
+    edges = 0
+    if objectives.mdm:
+        edges += (mb.images + mb.pairs) * image_bytes
+        m_img, m_txt = mb.masked(cfg, masking)
+        heads = 2 * (m_img + m_txt) * D * act_bytes
+        if tensor > 1:   # vocab-parallel cross-entropy keeps exp(logits) of its rows, fp32
+            heads += 4 * (m_img * s.visual_vocab + m_txt * s.text_vocab)
+        else:            # the chunked kernel keeps one log-sum-exp per row
+            heads += 4 * (m_img + m_txt)
+        if cfg.visual_target == "pixels":
+            heads += 4 * m_img * cfg.patch_dim
+        edges += heads
+    P, N = mb.pairs, mb.pairs * data_parallel
+    if objectives.itc and P:
+        edges += P * image_bytes                        # the image view's own copy
+        edges += 2 * 2 * P * D * act_bytes              # both CLS states and projections
+        edges += 2 * N * D * 4 + 2 * 2 * P * N * 4      # gathered features, logits + softmax
+    if objectives.itm and P:
+        edges += (N + 3 * P) * image_bytes              # gathered images, the fusion batch's
+        edges += 2 * 3 * P * D * act_bytes + 3 * P * 2 * 4  # pooler in and out, logits
+    return {"layer": sum(layer(T) for T in forwards.values()),
+            "layer_max": max((layer(T) for T in forwards.values()), default=0),
+            "replicated_layer": sum(replicated(T) for T in forwards.values()),
+            "block_input": sum(forwards.values()) * D * act_bytes,
+            "edges": edges, "tokens": sum(forwards.values()), "forwards": forwards}
 
 
 def plan(cfg: ModelConfig, tensor: int, zero: int, data_parallel: int, mb: MicroBatch,
          precision: str = "bf16", masking: Optional[MaskingConfig] = None,
-         tensor_rank: int = 0, shapes: Optional[LocalShapes] = None) -> MemoryPlan:
+         tensor_rank: int = 0, shapes: Optional[LocalShapes] = None,
+         objectives: Objectives = Objectives()) -> MemoryPlan:
+    """`shapes` must hold `objectives.heads` (local_shapes(..., heads=objectives.heads))."""
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage {zero}: must be one of 0, 1, 2, 3")
     if precision not in PRECISION_BYTES:
         raise ValueError(f"precision {precision!r}: must be one of {sorted(PRECISION_BYTES)}")
     if data_parallel < 1:
         raise ValueError(f"data-parallel size {data_parallel}: must be >= 1")
-    s = shapes or local_shapes(cfg, tensor, tensor_rank)
+    s = shapes or local_shapes(cfg, tensor, tensor_rank, heads=objectives.heads)
     masking = masking or MaskingConfig()
     pb = PRECISION_BYTES[precision]
     N, dp = s.params, data_parallel
@@ -160,16 +244,18 @@ def plan(cfg: ModelConfig, tensor: int, zero: int, data_parallel: int, mb: Micro
         opt = N * (8 if precision == "fp32" else 12)
     else:
         opt = N * (8 if (zero == 3 and precision == "fp32") else 12) // dp
-    a = activation_bytes(s, cfg, mb, masking, pb, tensor)
+    a = activation_bytes(s, cfg, mb, masking, pb, tensor, objectives, dp)
     L = s.layers
     full = L * a["layer"] + a["edges"]
-    ckpt = L * a["block_input"] + a["layer"] + a["edges"]
+    ckpt = L * a["block_input"] + a["layer_max"] + a["edges"]
     rep_saved = a["replicated_layer"] * (tensor - 1) // tensor
     inp_saved = a["block_input"] * (tensor - 1) // tensor
+    rep_max = max((4 * T * s.dim * pb for T in a["forwards"].values()), default=0)
     return MemoryPlan(zero=zero, params=params, grads=grads, optimizer=opt, activations=full,
                       activations_checkpointed=ckpt,
                       zero3_gathered=2 * s.largest_layer * pb if zero == 3 and dp > 1 else 0,
-                      sp_saving=L * rep_saved, sp_saving_checkpointed=L * inp_saved + rep_saved)
+                      sp_saving=L * rep_saved,
+                      sp_saving_checkpointed=L * inp_saved + rep_max * (tensor - 1) // tensor)
 
 
 def _gib(n: int) -> str:
@@ -177,8 +263,10 @@ def _gib(n: int) -> str:
 
 
 def format_plans(cfg: ModelConfig, plans: list[MemoryPlan], tensor: int, dp: int, mb: MicroBatch,
-                 precision: str, shapes: LocalShapes, name: str) -> str:
+                 precision: str, shapes: LocalShapes, name: str,
+                 objectives: Objectives = Objectives()) -> str:
     T = mb.tokens(cfg)
+    forwards = objectives.forwards(cfg, mb)
     opt_name = "fp32 master + 2 moments" if not (precision == "fp32") else "Adam state"
     rows: list[tuple[str, list[str]]] = [
         (f"parameters ({precision})", [_gib(p.params) for p in plans]),
@@ -199,6 +287,8 @@ def format_plans(cfg: ModelConfig, plans: list[MemoryPlan], tensor: int, dp: int
         f"{cfg.attention} attention",
         f"GPUs: {tensor * dp} = tensor {tensor} x data {dp}; {precision}; micro-batch per GPU "
         f"group: {mb.describe()} = {T:,} tokens",
+        f"objectives: {objectives.describe()}; tokens through the layers per micro-batch: "
+        + ", ".join(f"{k} {v:,}" for k, v in forwards.items()),
         f"this GPU holds {shapes.params / 1e6:,.1f}M parameters (tensor rank 0, the largest "
         "vocabulary slice)",
         "",
