@@ -113,10 +113,16 @@ def _stage_streams(cfg: "PretrainConfig", stage) -> "DataConfig":
                                      for s, w in stage.streams.items()})
 
 
+ITC_BATCHES = ("micro", "step")
+
+
 def check_objective(cfg: "PretrainConfig", obj, data: "DataConfig", key: str) -> None:
     """The objectives of a run (or a stage) against its streams and model."""
     check(sum((obj.mdm, obj.itc, obj.itm)) > 0, key,
           "every objective weight is 0: set at least one of mdm, itc, itm above 0")
+    check(obj.itc_batch in ITC_BATCHES, f"{key}.itc_batch",
+          f"{obj.itc_batch!r} is not one of {', '.join(map(repr, ITC_BATCHES))} (whose pairs are "
+          "ITC's negatives: the micro-batch's, or the whole step's)")
     pairs = data.stream_counts()["pair"]
     for name in ("itc", "itm"):
         if getattr(obj, name) > 0:

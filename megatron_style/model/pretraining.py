@@ -42,6 +42,10 @@ class MDMOutput(NamedTuple):
     objective_stats: Optional[torch.Tensor] = None
     # Detached scalar: ITC's temperature multiplier exp(logit_scale) (clamped), or None.
     scale: Optional[torch.Tensor] = None
+    # What to backpropagate when it differs from `loss`: with ITC pooled over the step
+    # (model/contrastive_step.py), ITC's term times the accumulation, since the caller
+    # averages the micro-batches' gradients and ITC's shares must add up. None: `loss`.
+    backward_loss: Optional[torch.Tensor] = None
 
     def stream_metrics(self) -> dict[str, float]:
         out = {}
@@ -107,10 +111,19 @@ class MaskedDataModel(nn.Module):
         return tuple(h for h in ("itc", "itm") if hasattr(self, h))
 
     def forward(self, b: PackedBatch, weights: tuple[float, float, float] = MDM_ONLY,
-                views=None) -> MDMOutput:
+                views=None, pool=None, pair_features_seed: Optional[int] = None):
         """`weights`: (mdm, itc, itm); an objective with weight 0 is not computed. `views`:
         batch.dual_encoder_views(b) when the caller built them already (the trainer does, on
-        the CPU before the batch moves, to keep their host syncs off the device)."""
+        the CPU before the batch moves, to keep their host syncs off the device). `pool`: a
+        contrastive_step.StepPool when ITC's negatives are the whole step's pairs.
+
+        With `pair_features_seed`, only the [n, 2D] ITC features of `views` under that seed
+        (contrastive_step.pair_features; pass 1 of a pooled step). It is a mode of forward
+        rather than a method because ZeRO-3 gathers the root module's own parameters (position
+        tables, norms, heads) around its forward only (train/zero3.py)."""
+        if pair_features_seed is not None:
+            from megatron_style.model.contrastive_step import pair_features
+            return pair_features(self, views, pair_features_seed)
         w_mdm, w_itc, w_itm = weights
         if (w_itc > 0 and not hasattr(self, "itc")) or (w_itm > 0 and not hasattr(self, "itm")):
             raise ValueError(f"objective weights {weights} need heads this model was built "
@@ -134,12 +147,19 @@ class MaskedDataModel(nn.Module):
         scale = None
         if w_itc > 0:
             from megatron_style.batch.views import dual_encoder_views
-            from megatron_style.model.contrastive import cls_states, contrastive_loss
+            from megatron_style.model.contrastive import contrastive_loss
+            from megatron_style.model.contrastive_step import pair_features, step_contrastive_loss
             if views is None:
                 views = dual_encoder_views(b, self.cfg)
-            img = self.itc.image_features(cls_states(self.beit3, views.images, VISION))
-            txt = self.itc.text_features(cls_states(self.beit3, views.texts, LANGUAGE))
-            itc = contrastive_loss(img, txt, self.itc.logit_scale, self.contrastive_group)
+            seed = pool.step.seeds[pool.micro] if pool is not None else None
+            features = pair_features(self, views, seed)
+            img, txt = features[:, :self.cfg.dim], features[:, self.cfg.dim:]
+            if pool is None:
+                itc = contrastive_loss(img, txt, self.itc.logit_scale, self.contrastive_group)
+            else:
+                itc = step_contrastive_loss(img, txt, self.itc.logit_scale,
+                                            self.contrastive_group, pool)
+                extra = (pool.step.micro_batches - 1) * w_itc * itc.loss
             total = total + w_itc * itc.loss
             obj[:4] = itc.stats
             scale = itc.scale
@@ -159,9 +179,10 @@ class MaskedDataModel(nn.Module):
             unused += [*self.itc.parameters()] if hasattr(self, "itc") else []
         if w_itm == 0 and hasattr(self, "itm"):
             unused += [*self.itm.parameters()]
-        return MDMOutput(loss=total + self._zero(unused, dev), stats=stats,
-                         objective_stats=obj,
-                         scale=scale if scale is not None else torch.zeros((), device=dev))
+        loss = total + self._zero(unused, dev)
+        return MDMOutput(loss=loss, stats=stats, objective_stats=obj,
+                         scale=scale if scale is not None else torch.zeros((), device=dev),
+                         backward_loss=loss + extra if pool is not None and w_itc > 0 else None)
 
     @staticmethod
     def _zero(params, dev) -> torch.Tensor:

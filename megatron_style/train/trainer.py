@@ -295,20 +295,27 @@ class Trainer:
                 sources: list[str] = []
                 # finite-loss sum, micro-batches, non-finite ones: agreed on once per step
                 step_loss = torch.zeros(3, dtype=torch.float64, device=self.device)
+                pooled = None
+                if weights[1] > 0 and gas > 1 and self.stage.objective.itc_batch == "step":
+                    pooled = self._pool_step(it, gas, prof)
                 for micro in range(gas):
                     with prof.range("data"):
-                        cpu_batch = next(it)
+                        if pooled is not None:
+                            cpu_batch, b, cpu_views, views = pooled.batches[micro]
+                        else:
+                            cpu_batch = next(it)
+                            b = self.prepare(cpu_batch)
+                            cpu_views, views = (self.prepare_views(cpu_batch) if weights[1] > 0
+                                                else (None, None))
                         sources.extend(cpu_batch.sources)
-                        b = self.prepare(cpu_batch)
-                        cpu_views, views = (self.prepare_views(cpu_batch) if weights[1] > 0
-                                            else (None, None))
                     with prof.range("forward"):
-                        out = self.engine(b, weights=weights, views=views)
+                        out = self.engine(b, weights=weights, views=views,
+                                          pool=pooled.pool(micro) if pooled is not None else None)
                     loss = out.loss
                     step_loss += loss_record(loss)  # on the device: no host sync per micro-batch
                     acc.add(out, cpu_batch, self._flops_fn, cpu_views, weights, self._itm_flops_fn)  # no GPU sync
                     with prof.range("backward"):
-                        self.engine.backward(loss)
+                        self.engine.backward(loss if out.backward_loss is None else out.backward_loss)
                     last_micro = micro == gas - 1
                     if last_micro:
                         decision = self._agree(step_loss)
@@ -357,6 +364,24 @@ class Trainer:
             prof.close()
             self.metrics.close()
         return exit_code
+
+    def _pool_step(self, it, gas: int, prof) -> "_PooledStep":
+        """Collective. The step's micro-batches read ahead, and pass 1 of ITC over the whole
+        step (objective.itc_batch: step; model/contrastive_step.py): every micro-batch's pair
+        features without gradient, gathered over the contrastive group."""
+        from megatron_style.model.contrastive_step import micro_seed, step_features
+        batches = []
+        with prof.range("data"):
+            for _ in range(gas):
+                cpu_batch = next(it)
+                batches.append((cpu_batch, self.prepare(cpu_batch), *self.prepare_views(cpu_batch)))
+        model = self.engine.module  # called as a module: ZeRO-3 gathers around its forward
+        seeds = tuple(micro_seed(self.cfg.seed, self.step, k, self.dp_rank) for k in range(gas))
+        with prof.range("itc step features"), torch.no_grad():
+            feats = [model(b, views=views, pair_features_seed=seed)
+                     for (_, b, _, views), seed in zip(batches, seeds)]
+            step = step_features(feats, model.contrastive_group, seeds)
+        return _PooledStep(batches, step)
 
     def _validate(self) -> None:
         """Collective: the held-out set's numbers at this step (train/validation.py), into the
@@ -474,10 +499,25 @@ class Trainer:
         elif self.cfg.objective.active() != ("mdm",):
             o = self.cfg.objective
             lines.append("objective: " + ", ".join(f"{n} x {getattr(o, n):g}" for n in o.active()))
+        lines += [self._itc_batch_line(st) for st in self.plan.stages if st.objective.itc > 0]
         lines += self.init_report
         lines.append(f"resumed from {resumed} at step {self.step}" if resumed else "starting from scratch")
         for line in lines:
             self._log(line)
+
+    def _itc_batch_line(self, stage: Stage) -> str:
+        """How many pairs each ITC query is ranked against in `stage`."""
+        pairs = self.plan.data_config(stage).data.stream_counts()["pair"]
+        gas = self.batch.grad_accum
+        where = f"stage {stage.index + 1} '{stage.name}': " if len(self.plan.stages) > 1 else ""
+        if stage.objective.itc_batch == "step" and gas > 1:
+            return (f"ITC: {where}{pairs * self.dp_world * gas} pairs per contrastive batch, every "
+                    f"pair of the step ({pairs} x {gas} micro-batches x {self.dp_world} "
+                    "data-parallel rank(s); objective.itc_batch=step)")
+        more = (f"; objective.itc_batch=step would pool the step's {gas} micro-batches"
+                if gas > 1 else "")
+        return (f"ITC: {where}{pairs * self.dp_world} pairs per contrastive batch ({pairs} per "
+                f"micro-batch x {self.dp_world} data-parallel rank(s){more})")
 
     def _log(self, msg: str) -> None:
         if self.rank == 0:
@@ -486,3 +526,15 @@ class Trainer:
 
 def _checkpoint_block(block, x, layout):
     return torch.utils.checkpoint.checkpoint(block, x, layout, use_reentrant=False)
+
+
+class _PooledStep:
+    """A step whose ITC negatives are all of its pairs: its micro-batches, read ahead as
+    (CPU batch, device batch, CPU views, device views), and pass 1's StepFeatures."""
+
+    def __init__(self, batches: list, step) -> None:
+        self.batches, self.step = batches, step
+
+    def pool(self, micro: int):
+        from megatron_style.model.contrastive_step import StepPool
+        return StepPool(self.step, micro)

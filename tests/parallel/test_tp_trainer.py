@@ -81,9 +81,11 @@ def test_itc_and_itm_under_tp2_dp2_match_tp1(tmp_path):
     """The contrastive negatives are gathered over the data-parallel group, not the world:
     over the world each pair would come back once per tensor rank, as its own false negative,
     and the ITC loss, ITM's negatives and every gradient would differ from TP=1. The ITC/ITM
-    heads are replicated like any untagged parameter, and merge back as they are."""
+    heads are replicated like any untagged parameter, and merge back as they are. ITC is
+    pooled over the step's 2 micro-batches (objective.itc_batch: step), whose pass 1 gathers
+    over the same group and whose drop-path seeds must agree within a tensor group."""
     itc = [*COMMON, "data.micro_batch_size=8", "objective.itc=1", "objective.itm=1",
-           "parallel.zero_stage=1"]
+           "objective.itc_batch=step", "parallel.grad_accum=2", "parallel.zero_stage=1"]
     ref = pretrain([*itc, *run_dirs(tmp_path, "tp1")], ranks=2)
     assert ref.returncode == 0, explain(ref)
     p = pretrain([*itc, *run_dirs(tmp_path, "tp2"), "parallel.tensor=2"], ranks=4)
