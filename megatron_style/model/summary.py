@@ -1,4 +1,5 @@
-"""Parameters by group and training FLOPs per sample of a model preset, from the built model.
+"""Parameters by group and training FLOPs per sample of a model preset, from the built model,
+and what ITC and ITM add per image-text pair.
 
     beit3-summary --preset giant [--text-len 64] [key=value ...]
     beit3-summary --dump-presets configs/model
@@ -79,6 +80,18 @@ def summary_text(preset: Optional[str], overrides: dict, text_len: int) -> str:
                        ("pair", f"{img} + {txt} tokens")):
         f = sample_flops(model, kind, text_len=text_len)
         lines.append(f"  {kind + ' (' + what + ')':<26}{f / 1e12:>10.3f} TFLOP")
+    # What the objectives beyond MDM add per image-text pair, counted as the trainer counts
+    # them: ITC encodes the pair's image and text apart, ITM runs the pair and its two
+    # negatives on the fusion path; both unmasked, without MDM heads.
+    lines.append("added per image-text pair by ITC / ITM (unmasked, no MDM heads):")
+    itc = (sample_flops(model, "image", masked_patches=0)
+           + sample_flops(model, "text", text_len=text_len, masked_text=0))
+    lines.append(f"  {'ITC (image, text apart)':<26}{itc / 1e12:>10.3f} TFLOP")
+    if cfg.vl_layers > 0:
+        itm = 3 * sample_flops(model, "pair", text_len=text_len, masked_patches=0, masked_text=0)
+        lines.append(f"  {'ITM (pair + 2 negatives)':<26}{itm / 1e12:>10.3f} TFLOP")
+    else:
+        lines.append(f"  {'ITM':<26}{'-':>10}        (needs VL experts: model.vl_layers > 0)")
     return "\n".join(lines)
 
 
