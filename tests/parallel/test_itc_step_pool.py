@@ -1,6 +1,6 @@
 """ITC pooled over the step (objective.itc_batch: step; model/contrastive_step.py) equals one
 contrastive batch of every pair of the step: 2 gloo ranks x 2 micro-batches each, unequal pair
-counts, the real encoder with drop path on, fp32.
+counts, the real encoder with drop path on, fp32, with and without activation checkpointing.
 
 The reference is one process: every (rank, micro-batch)'s features under the same seeds,
 concatenated, through contrastive_loss with gradient. The pooled run does what the trainer
@@ -36,9 +36,12 @@ def _cfg():
     return model_config("tiny", kernels="reference", drop_path=0.3)
 
 
-def _model(cfg):
+def _model(cfg, checkpointing=False):
     torch.manual_seed(0)
     m = MaskedDataModel(cfg, None, heads=("itc",))
+    if checkpointing:  # as the trainer sets it: recomputed in backward, drop path replayed
+        m.beit3.checkpoint_fn = lambda block, x, layout: torch.utils.checkpoint.checkpoint(
+            block, x, layout, use_reentrant=False)
     with torch.no_grad():  # a logit scale whose gradient is not tiny
         m.itc.logit_scale.fill_(1.5)
     m.train()
@@ -70,9 +73,9 @@ def _reference():
     return out.loss.detach(), out.stats, _grads(m), out.candidates
 
 
-def _pooled_worker(rank, world):
+def _pooled_worker(rank, world, checkpointing):
     cfg = _cfg()
-    m = _model(cfg)
+    m = _model(cfg, checkpointing)
     m.contrastive_group = dist.group.WORLD
     views = [dual_encoder_views(_batch(cfg, rank, k), cfg) for k in range(GAS)]
     seeds = tuple(_seed(rank, k) for k in range(GAS))
@@ -96,9 +99,9 @@ def _pooled_worker(rank, world):
             "candidates": step.gathered.shape[0]}
 
 
-@pytest.fixture(scope="module")
-def pooled():
-    return run_workers(_pooled_worker, 2)
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "checkpointing"])
+def pooled(request):
+    return run_workers(_pooled_worker, 2, request.param)
 
 
 def test_the_pooled_step_is_one_contrastive_batch(pooled):
