@@ -92,12 +92,16 @@ def _plan_text(args: argparse.Namespace) -> str:
     cases: list[tuple[str, MicroBatch, Objectives]] = []
     if rc is not None and all(c is None for c in counts) and not args.objective:
         from megatron_style.train.stages import StagePlan
+        from megatron_style.train.batch_plan import plan_batch
         stages = StagePlan(rc)
         for st in stages.stages:
-            n = stages.data_config(st).data.stream_counts()
+            stage_cfg = stages.data_config(st)
+            n = stage_cfg.data.stream_counts()
             label = f"stage {st.index} '{st.name}' (steps {st.start + 1}-{st.end})" if rc.stages else ""
+            pool = (plan_batch(stage_cfg, dp)[0].grad_accum
+                    if st.objective.itc_batch == "step" else 1)
             cases.append((label, MicroBatch(n["image"], n["text"], n["pair"], text_len),
-                          Objectives.named(st.objective.active())))
+                          Objectives.named(st.objective.active(), pool)))
         heads = model_heads(rc)
     else:
         objectives = (Objectives.named(args.objective) if args.objective else

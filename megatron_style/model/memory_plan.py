@@ -29,13 +29,15 @@ costed as above with its own T: ITC encodes the pairs' images and texts apart (t
 pairs x image tokens and pairs x text tokens), ITM runs a fusion batch of three samples per
 pair (the pair, a negative text, a negative image). Around the layers they add the views'
 image copy, ITM's images gathered from every data-parallel rank plus its fusion batch's
-images, the gathered ITC features and logits (fp32) and the heads' inputs. With
+images, the gathered ITC features and logits (fp32) and the heads' inputs; ITC pooled over
+a step of k micro-batches also holds the other k - 1 micro-batches' inputs and the step's
+features and logits. With
 checkpointing, every forward keeps its layers' inputs and the largest one's layer is the
 one recomputed at a time.
 
     beit3-memory-plan --preset giant --gpus 8 --tensor 2 --zero 1 2 3 \
         --images 16 --texts 16 --pairs 16 --text-len 64
-    beit3-memory-plan --config configs/pretrain/vlmo_base.yaml --gpus 64   (MDM + ITC + ITM)
+    beit3-memory-plan --config configs/pretrain/vlmo_base.yaml --gpus 8    (MDM + ITC + ITM)
 """
 from __future__ import annotations
 
@@ -84,8 +86,13 @@ class Objectives:
     mdm: bool = True
     itc: bool = False
     itm: bool = False
+    # ITC pooled over a step of this many micro-batches (objective.itc_batch: step): their
+    # inputs are on the device together, with the step's features and logits.
+    step_pool: int = 1
 
     def __post_init__(self) -> None:
+        if self.step_pool < 1:
+            raise ValueError(f"objectives: step_pool {self.step_pool} must be >= 1")
         if not (self.mdm or self.itc or self.itm):
             raise ValueError("objectives: none of mdm, itc, itm is on; at least one is needed")
         if self.itm and not self.itc:
@@ -93,19 +100,22 @@ class Objectives:
                              "it needs itc too")
 
     @classmethod
-    def named(cls, names) -> "Objectives":
+    def named(cls, names, step_pool: int = 1) -> "Objectives":
         names = set(names)
         unknown = names - {"mdm", "itc", "itm"}
         if unknown:
             raise ValueError(f"objectives {sorted(unknown)}: not known; use mdm, itc, itm")
-        return cls(mdm="mdm" in names, itc="itc" in names, itm="itm" in names)
+        return cls(mdm="mdm" in names, itc="itc" in names, itm="itm" in names,
+                   step_pool=step_pool if "itc" in names else 1)
 
     @property
     def heads(self) -> tuple[str, ...]:
         return tuple(h for h in ("itc", "itm") if getattr(self, h))
 
     def describe(self) -> str:
-        return " + ".join(n.upper() for n in ("mdm", "itc", "itm") if getattr(self, n))
+        text = " + ".join(n.upper() for n in ("mdm", "itc", "itm") if getattr(self, n))
+        return text + (f" (ITC's negatives pooled over a step of {self.step_pool} "
+                       "micro-batches)" if self.step_pool > 1 else "")
 
     def forwards(self, cfg: ModelConfig, mb: "MicroBatch") -> dict[str, int]:
         """Tokens of each forward through the layers, per micro-batch (pairs with text_len)."""
@@ -213,6 +223,10 @@ def activation_bytes(s: LocalShapes, cfg: ModelConfig, mb: MicroBatch, masking: 
         edges += P * image_bytes                        # the image view's own copy
         edges += 2 * 2 * P * D * act_bytes              # both CLS states and projections
         edges += 2 * N * D * 4 + 2 * 2 * P * N * 4      # gathered features, logits + softmax
+        k = objectives.step_pool
+        if k > 1:  # the other micro-batches' inputs and views; the step's features, logits
+            edges += (k - 1) * (mb.images + 2 * mb.pairs) * image_bytes
+            edges += 2 * k * N * D * 4 + 2 * 2 * (k * P) * (k * N) * 4
     if objectives.itm and P:
         edges += (N + 3 * P) * image_bytes              # gathered images, the fusion batch's
         edges += 2 * 3 * P * D * act_bytes + 3 * P * 2 * 4  # pooler in and out, logits

@@ -89,6 +89,20 @@ def test_the_forwards_and_heads_of_each_objective():
     assert a64["edges"] - a1["edges"] >= (64 - 8) * 8 * image
 
 
+def test_a_pooled_step_holds_its_micro_batches_inputs_and_the_step_features():
+    cfg = model_config("base")
+    mb = mp.MicroBatch(0, 0, 96, 64)
+    shapes = mp.local_shapes(cfg, 1, heads=("itc",))
+    one, eight = (mp.activation_bytes(shapes, cfg, mb, mp.MaskingConfig(), 2, 1,
+                                      mp.Objectives(mdm=False, itc=True, step_pool=k), 8)
+                  for k in (1, 8))
+    image = cfg.in_chans * cfg.img_size ** 2 * 2
+    N, D = 96 * 8, cfg.dim
+    assert eight["layer"] == one["layer"]   # the layers see one micro-batch at a time
+    assert eight["edges"] - one["edges"] == (7 * 2 * 96 * image + 2 * 8 * N * D * 4
+                                             + 2 * 2 * (8 * 96) * (8 * N) * 4)
+
+
 def test_objective_errors():
     with pytest.raises(ValueError, match="itm draws its negatives from ITC"):
         mp.Objectives(itm=True)
@@ -99,13 +113,21 @@ def test_objective_errors():
 
 
 def test_a_recipe_is_planned_stage_by_stage(capsys):
-    rc = memory_plan_cli.main(["--config", "configs/pretrain/vlmo_base.yaml", "--gpus", "64"])
+    rc = memory_plan_cli.main(["--config", "configs/pretrain/vlmo_base.yaml", "--gpus", "8"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert out.count("== stage ") == 3
     assert "32 images + 0 texts + 0 pairs" in out and "0 images + 0 texts + 32 pairs" in out
-    assert "objectives: MDM + ITC + ITM; tokens through the layers per micro-batch" in out
+    assert ("objectives: MDM + ITC + ITM (ITC's negatives pooled over a step of 4 "
+            "micro-batches); tokens through the layers per micro-batch") in out
     assert "heaviest: stage 2 'image-text'" in out
+    # ITC tuning pools the step: 8 micro-batches on 8 GPUs, none to pool on 64
+    rc = memory_plan_cli.main(["--config", "configs/pretrain/itc_tune_base.yaml", "--gpus", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "ITC's negatives pooled over a step of 8 micro-batches" in out
+    rc = memory_plan_cli.main(["--config", "configs/pretrain/itc_tune_base.yaml", "--gpus", "64"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "objectives: ITC; tokens" in out
     # one micro-batch for the run when it is given, and the objectives asked for
     rc = memory_plan_cli.main(["--preset", "base", "--pairs", "8", "--objective", "mdm", "itc"])
     out = capsys.readouterr().out
