@@ -13,7 +13,7 @@ views together (inputs only: no gradient flows back through a gathered image or 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -184,6 +184,26 @@ def _all_gather_padded(x: torch.Tensor, rows: int, group) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def concat_views(views: Sequence[tuple[PackedBatch, PackedBatch]]) -> tuple[PackedBatch, PackedBatch]:
+    """Several micro-batches' (image view, text view) as one pair of views, in order: row r of
+    micro-batch k is row sum(n_0 .. n_{k-1}) + r of the result (a step's pairs, for ITM over
+    the step). No gradient (the views are inputs); no `sources`, as gather_views."""
+    if not views:
+        raise ValueError("no views to concatenate")
+    for images, texts in views:
+        _check_views(images, texts)
+        if images.num_samples != texts.num_samples:
+            raise ValueError(f"{images.num_samples} images but {texts.num_samples} texts: the "
+                             "views must hold one image and one text per pair")
+    first_images, first_texts = views[0]
+    all_images = torch.cat([im.images for im, _ in views])
+    ids = torch.cat([tx.text_ids.long().index_select(0, tx.token_source.to(tx.text_ids.device))
+                     for _, tx in views])   # stream order
+    lens = torch.cat([_text_lengths(tx) for _, tx in views])
+    return (_image_view(all_images, first_images.image_mask.shape[1], []),
+            _text_view(ids, lens, first_texts, []))
+
+
 def gather_views(images: PackedBatch, texts: PackedBatch,
                  group: Optional[dist.ProcessGroup]) -> tuple[PackedBatch, PackedBatch]:
     """Every rank's image view and text view (dual_encoder_views), concatenated in rank order:

@@ -34,13 +34,14 @@ class ObjectiveConfig:
     # negative image drawn from the ITC similarities, classified match / no match on the
     # fusion path (the VL experts of the top model.vl_layers).
     itm: float = bounded(0.0, ge=0)
-    # Whose pairs are ITC's negatives. "micro": the micro-batch's pairs of every data-
-    # parallel rank (gradient accumulation adds none). "step": every micro-batch of the step
-    # on every rank, so the contrastive batch is the global batch whatever the accumulation:
-    # the step's ITC features are computed first without gradient, then each micro-batch
-    # recomputes its own with gradient against the rest (gradient caching, as open_clip's
-    # accum_freq; one extra forward of the pairs' views per micro-batch). The gradient is that
-    # of one contrastive batch of the whole step (tests/parallel/test_itc_step_pool.py).
+    # Whose pairs are ITC's negatives and ITM's candidates. "micro": the micro-batch's pairs
+    # of every data-parallel rank (gradient accumulation adds none). "step": every
+    # micro-batch of the step on every rank, so the contrastive batch is the global batch
+    # whatever the accumulation: the step's ITC features are computed first without
+    # gradient, then each micro-batch recomputes its own with gradient against the rest
+    # (gradient caching, as open_clip's accum_freq; one extra forward of the pairs' views per
+    # micro-batch). The gradient is that of one contrastive batch of the whole step
+    # (tests/parallel/test_itc_step_pool.py).
     itc_batch: str = "micro"
 
     def active(self) -> tuple[str, ...]:

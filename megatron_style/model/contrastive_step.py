@@ -21,6 +21,11 @@ gradient). The loss value is the step's in every micro-batch; a caller that aver
 micro-batches' gradients (DeepSpeed divides by the accumulation) multiplies ITC's gradient by
 the accumulation to get the sum (MaskedDataModel.forward returns `backward_loss` for that).
 Stats count the rows of micro-batch k only, so they add up over the step as usual.
+
+ITM over the step: each micro-batch's pairs draw their hard negatives from the ITC
+similarities against every pair of the step (VLMo draws from its whole batch), so pass 1 also
+gathers the step's views of every rank, once (StepFeatures.views); each micro-batch then runs
+its own fusion batch (its pairs and their negatives) as without the pool.
 """
 from __future__ import annotations
 
@@ -42,6 +47,9 @@ class StepFeatures(NamedTuple):
     sizes: tuple[tuple[int, ...], ...]  # sizes[r][k]: pairs of rank r in micro-batch k
     rank: int                           # this rank's place in the group
     seeds: tuple[int, ...]              # each micro-batch's seed for its ITC forwards
+    # (image view, text view) of the N pairs in `gathered`'s order, for ITM over the step;
+    # None when ITM does not run (they are the step's images of every rank)
+    views: Optional[tuple] = None
 
     @property
     def micro_batches(self) -> int:
@@ -81,11 +89,15 @@ def micro_seed(seed: int, step: int, micro: int, dp_rank: int) -> int:
 
 
 def step_features(features: list[torch.Tensor], group: Optional[dist.ProcessGroup],
-                  seeds: tuple[int, ...]) -> StepFeatures:
+                  seeds: tuple[int, ...], views: Optional[list] = None) -> StepFeatures:
     """Collective over `group` (None: this process alone). `features[k]`: pass 1's
-    pair_features of micro-batch k, [n_k, 2D] (n_k may be 0 on some ranks and micro-batches)."""
-    if len(features) != len(seeds):
-        raise ValueError(f"{len(features)} micro-batches of features but {len(seeds)} seeds")
+    pair_features of micro-batch k, [n_k, 2D] (n_k may be 0 on some ranks and micro-batches).
+    `views[k]`: micro-batch k's (image view, text view), given when ITM runs: the step's views
+    of every rank are gathered once, for ITM to draw its negatives from the whole step."""
+    if len(features) != len(seeds) or (views is not None and len(views) != len(seeds)):
+        raise ValueError(f"{len(features)} micro-batches of features"
+                         + (f", {len(views)} of views" if views is not None else "")
+                         + f" but {len(seeds)} seeds")
     local = torch.cat(features).detach().float()
     counts = torch.tensor([f.shape[0] for f in features], dtype=torch.long, device=local.device)
     if group is None or dist.get_world_size(group) == 1:
@@ -100,7 +112,11 @@ def step_features(features: list[torch.Tensor], group: Optional[dist.ProcessGrou
     if sum(map(sum, sizes)) == 0:
         raise ValueError("no rank holds a pair in any micro-batch of the step: the "
                          "contrastive loss is empty")
-    return StepFeatures(gathered, sizes, rank, tuple(seeds))
+    step_views = None
+    if views is not None:
+        from megatron_style.batch.fusion import concat_views, gather_views
+        step_views = gather_views(*concat_views(views), group)
+    return StepFeatures(gathered, sizes, rank, tuple(seeds), step_views)
 
 
 def step_contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
@@ -108,8 +124,9 @@ def step_contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: tor
     """Collective. Micro-batch `pool.micro`'s share of the step's ITC (module docstring).
     `img`, `txt`: its live [n, D] features (pair_features under its seed, split). The loss is
     this rank's step loss, W / N * sum over its step pairs of (CE_i2t + CE_t2i) / 2, as
-    contrastive_loss on the whole step would return; `gathered` and `offset` are micro-batch
-    k's features of every rank (what ITM draws its negatives from, as without the pool)."""
+    contrastive_loss on the whole step would return; `gathered` holds the step's features
+    (all N pairs, micro-batch k's as computed now) and `offset` where micro-batch k's rows of
+    this rank start in it: what ITM over the step draws its negatives from."""
     step, k = pool.step, pool.micro
     sizes, r = step.sizes, step.rank
     n, D = img.shape[0], img.shape[1]
@@ -118,10 +135,7 @@ def step_contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: tor
                          "the two passes must see the same micro-batches")
     W, N = len(sizes), sum(map(sum, sizes))
     local = torch.cat([img, txt], dim=1).float()
-    if W > 1:
-        live, offset, _ = gather_rows(local, group) if sum(s[k] for s in sizes) else (local, 0, 0)
-    else:
-        live, offset = local, 0
+    live = gather_rows(local, group)[0] if W > 1 and sum(s[k] for s in sizes) else local
     rank_start = [sum(map(sum, sizes[:q])) for q in range(W)]
     idx = torch.cat([torch.arange(rank_start[q] + sum(sizes[q][:k]),
                                   rank_start[q] + sum(sizes[q][:k + 1])) for q in range(W)])
@@ -146,4 +160,4 @@ def step_contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: tor
                              (logits_t2i[rows].argmax(-1) == lab).sum().float(),
                              torch.tensor(float(n), device=local.device)]).float()
     return ContrastiveOutput(loss=loss, stats=stats, scale=scale.detach(), candidates=N,
-                             gathered=live.detach(), offset=offset)
+                             gathered=everything.detach(), offset=o + b0)

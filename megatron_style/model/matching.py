@@ -160,7 +160,8 @@ def matching_loss(beit3: MultiwayTransformer, head: MatchingHead, images: Packed
                   img_all: torch.Tensor, txt_all: torch.Tensor, offset: int,
                   group: Optional[dist.ProcessGroup], cfg: ModelConfig,
                   generator: Optional[torch.Generator] = None,
-                  sim_scale: Union[float, torch.Tensor] = 1.0) -> MatchingOutput:
+                  sim_scale: Union[float, torch.Tensor] = 1.0,
+                  candidates: Optional[tuple[PackedBatch, PackedBatch]] = None) -> MatchingOutput:
     """ITM with hard negatives over the pairs of every rank of `group` (see the module
     docstring).
 
@@ -180,7 +181,13 @@ def matching_loss(beit3: MultiwayTransformer, head: MatchingHead, images: Packed
     The loss is this rank's mean. DeepSpeed averages the ranks' gradients, which equals the
     gradient of the mean over all ranks' ITM samples when every rank holds the same number of
     pairs (otherwise a rank's samples weigh 1 / (W * 3 n_rank) each). Every rank of `group`
-    must call this the same number of times (gather_views is collective)."""
+    must call this the same number of times (gather_views is collective).
+
+    `candidates`: the (image view, text view) of every pair that `img_all` / `txt_all` hold,
+    in their order, when the caller has them already: ITM over a whole step
+    (model/contrastive_step.py) passes the step's views of every rank, gathered once per step,
+    with the step's features and this micro-batch's `offset` in them. Then nothing is
+    gathered here."""
     n = images.num_samples
     if texts.num_samples != n or img_local.shape[0] != n or txt_local.shape[0] != n:
         raise ValueError(f"{images.num_samples} images, {texts.num_samples} texts, "
@@ -192,10 +199,12 @@ def matching_loss(beit3: MultiwayTransformer, head: MatchingHead, images: Packed
     if n == 0:
         raise ValueError("this rank holds no pair: there is nothing to match")
     N = img_all.shape[0]
-    all_images, all_texts = gather_views(images, texts, group)
-    if all_images.num_samples != N:
-        raise ValueError(f"the views gathered over the group hold {all_images.num_samples} "
-                         f"pairs but the gathered features {N}: give both the same group")
+    all_images, all_texts = (gather_views(images, texts, group) if candidates is None
+                             else candidates)
+    if all_images.num_samples != N or all_texts.num_samples != N:
+        raise ValueError(f"the candidate views hold {all_images.num_samples} images and "
+                         f"{all_texts.num_samples} texts but the gathered features {N} pairs: "
+                         "give both the same group (or the same step)")
     with torch.no_grad():
         sim_i2t = sim_scale * (img_local.detach().float() @ txt_all.detach().float().t())
         sim_t2i = sim_scale * (txt_local.detach().float() @ img_all.detach().float().t())

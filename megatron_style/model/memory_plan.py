@@ -31,7 +31,7 @@ pair (the pair, a negative text, a negative image). Around the layers they add t
 image copy, ITM's images gathered from every data-parallel rank plus its fusion batch's
 images, the gathered ITC features and logits (fp32) and the heads' inputs; ITC pooled over
 a step of k micro-batches also holds the other k - 1 micro-batches' inputs and the step's
-features and logits. With
+features and logits, and ITM's gathered images are the whole step's. With
 checkpointing, every forward keeps its layers' inputs and the largest one's layer is the
 one recomputed at a time.
 
@@ -228,7 +228,8 @@ def activation_bytes(s: LocalShapes, cfg: ModelConfig, mb: MicroBatch, masking: 
             edges += (k - 1) * (mb.images + 2 * mb.pairs) * image_bytes
             edges += 2 * k * N * D * 4 + 2 * 2 * (k * P) * (k * N) * 4
     if objectives.itm and P:
-        edges += (N + 3 * P) * image_bytes              # gathered images, the fusion batch's
+        k = objectives.step_pool   # over a pooled step, the step's images of every rank
+        edges += (k * N + 3 * P) * image_bytes          # gathered images, the fusion batch's
         edges += 2 * 3 * P * D * act_bytes + 3 * P * 2 * 4  # pooler in and out, logits
     return {"layer": sum(layer(T) for T in forwards.values()),
             "layer_max": max((layer(T) for T in forwards.values()), default=0),

@@ -172,7 +172,8 @@ class MaskedDataModel(nn.Module):
                                     self.contrastive_group, self.cfg,
                                     # negatives drawn from the ITC logits, as VLMo does (the
                                     # scale as a tensor: no host sync)
-                                    sim_scale=itc.scale)
+                                    sim_scale=itc.scale,
+                                    candidates=self._step_candidates(pool))
                 total = total + w_itm * itm.loss
                 obj[4:] = itm.stats
         else:
@@ -183,6 +184,16 @@ class MaskedDataModel(nn.Module):
         return MDMOutput(loss=loss, stats=stats, objective_stats=obj,
                          scale=scale if scale is not None else torch.zeros((), device=dev),
                          backward_loss=loss + extra if pool is not None and w_itc > 0 else None)
+
+    @staticmethod
+    def _step_candidates(pool):
+        """ITM's candidates over a pooled step: the step's views pass 1 gathered."""
+        if pool is None:
+            return None
+        if pool.step.views is None:
+            raise ValueError("ITM over a pooled step needs the step's views: pass them to "
+                             "contrastive_step.step_features (views=...)")
+        return pool.step.views
 
     @staticmethod
     def _zero(params, dev) -> torch.Tensor:

@@ -297,7 +297,7 @@ class Trainer:
                 step_loss = torch.zeros(3, dtype=torch.float64, device=self.device)
                 pooled = None
                 if weights[1] > 0 and gas > 1 and self.stage.objective.itc_batch == "step":
-                    pooled = self._pool_step(it, gas, prof)
+                    pooled = self._pool_step(it, gas, prof, itm=weights[2] > 0)
                 for micro in range(gas):
                     with prof.range("data"):
                         if pooled is not None:
@@ -365,10 +365,11 @@ class Trainer:
             self.metrics.close()
         return exit_code
 
-    def _pool_step(self, it, gas: int, prof) -> "_PooledStep":
+    def _pool_step(self, it, gas: int, prof, itm: bool) -> "_PooledStep":
         """Collective. The step's micro-batches read ahead, and pass 1 of ITC over the whole
         step (objective.itc_batch: step; model/contrastive_step.py): every micro-batch's pair
-        features without gradient, gathered over the contrastive group."""
+        features without gradient, gathered over the contrastive group, and with ITM the
+        step's views too (its negatives are drawn from the whole step)."""
         from megatron_style.model.contrastive_step import micro_seed, step_features
         batches = []
         with prof.range("data"):
@@ -380,7 +381,8 @@ class Trainer:
         with prof.range("itc step features"), torch.no_grad():
             feats = [model(b, views=views, pair_features_seed=seed)
                      for (_, b, _, views), seed in zip(batches, seeds)]
-            step = step_features(feats, model.contrastive_group, seeds)
+            step = step_features(feats, model.contrastive_group, seeds,
+                                 views=[(v.images, v.texts) for _, _, _, v in batches] if itm else None)
         return _PooledStep(batches, step)
 
     def _validate(self) -> None:

@@ -141,3 +141,54 @@ def test_the_two_passes_must_see_the_same_micro_batches():
                               StepPool(step, 0))
     with pytest.raises(ValueError, match="2 micro-batches of features but 1 seeds"):
         step_features([torch.zeros(1, 4), torch.zeros(1, 4)], None, (1,))
+
+
+# ---- ITM over the step ---------------------------------------------------------------------
+
+def _pair_samples(cfg, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [random_sample(cfg, "pair", 3 + i % 4, g) for i in range(n)]
+
+
+def test_the_step_views_are_the_views_of_all_its_pairs():
+    from megatron_style.batch.fusion import concat_views
+    from tests.model.batch_compare import assert_same_batch
+
+    cfg = _cfg()
+    parts = [_pair_samples(cfg, 3, 0), _pair_samples(cfg, 2, 1)]
+    got = concat_views([tuple(dual_encoder_views(pack_samples(p, cfg), cfg)[:2]) for p in parts])
+    want = dual_encoder_views(pack_samples(parts[0] + parts[1], cfg), cfg)
+    assert_same_batch(got[0], want.images, skip=("sources",))
+    assert_same_batch(got[1], want.texts, skip=("sources",))
+
+
+def test_itm_negatives_come_from_the_whole_step():
+    """Micro-batch 1's pairs see every pair of the step: with features that make pair 0 of
+    micro-batch 0 the hardest candidate of both kinds, it is drawn, which a micro-batch-only
+    pool (2 candidates) could not do."""
+    from megatron_style.model.matching import MatchingHead, matching_loss
+
+    cfg = _cfg()
+    m = _model(cfg)
+    head = MatchingHead(cfg)
+    views = [dual_encoder_views(pack_samples(_pair_samples(cfg, n, s), cfg), cfg)
+             for n, s in ((3, 0), (2, 1))]
+    D = cfg.dim
+    e = torch.eye(D)
+    # micro-batch 1: images e0, texts e11, e12; micro-batch 0: pair 0 has the text e0 and an
+    # image between e11 and e12 (the hardest negative both ways), the rest are orthogonal
+    feats = [torch.cat([e[[5, 6, 7]], e[[8, 9, 10]]], 1), torch.cat([e[[0, 0]], e[[11, 12]]], 1)]
+    feats[0][0] = torch.cat([(e[11] + e[12]) / 2 ** 0.5, e[0]])
+    step = step_features(feats, None, (1, 2), views=[(v.images, v.texts) for v in views])
+    assert step.views[0].num_samples == step.views[1].num_samples == 5
+    g = step.gathered
+    out = matching_loss(m.beit3, head, views[1].images, views[1].texts, feats[1][:, :D],
+                        feats[1][:, D:], g[:, :D], g[:, D:], 3, None, cfg,
+                        generator=torch.Generator().manual_seed(0), sim_scale=1e4,
+                        candidates=step.views)
+    assert out.neg_text.tolist() == [0, 0] and out.neg_image.tolist() == [0, 0]
+    assert out.stats[2] == 6   # the pair and its two negatives, for both pairs
+    with pytest.raises(ValueError, match="the candidate views hold 2 images and 2 texts but "
+                                         "the gathered features 5 pairs"):
+        matching_loss(m.beit3, head, views[1].images, views[1].texts, feats[1][:, :D],
+                      feats[1][:, D:], g[:, :D], g[:, D:], 3, None, cfg)

@@ -11,8 +11,8 @@ from tests.train.launch import TINY, explain, metrics, pretrain, run_dirs
 pytestmark = pytest.mark.multiproc
 
 POOLED = [*TINY, "steps=4", "parallel.grad_accum=2", "model.drop_path=0.1",
-          "objective={mdm: 1, itc: 1, itc_batch: step}", "checkpoint.every_steps=100"]
-KEYS = ("loss", "loss/itc", "acc/itc_i2t", "grad_norm")
+          "objective={mdm: 1, itc: 1, itm: 1, itc_batch: step}", "checkpoint.every_steps=100"]
+KEYS = ("loss", "loss/itc", "acc/itc_i2t", "loss/itm", "acc/itm", "grad_norm")
 
 
 def test_pooled_itc_at_zero3_resumed_equals_zero1_straight(tmp_path):
