@@ -86,6 +86,15 @@ def cls_states(beit3: MultiwayTransformer, b: PackedBatch, modality: int) -> tor
     return beit3.norm_by_modality(h.index_select(0, b.cu_seqlens[:-1].long()), modality)
 
 
+def dual_encoder_features(model, images: PackedBatch,
+                          texts: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n, D], [n, D]) unit vectors of the images of `images` and the texts of `texts`
+    (one-kind views), through any model holding the encoder at `beit3` and ContrastiveHeads
+    at `itc` (ContrastiveModel, MaskedDataModel with ITC)."""
+    return (model.itc.image_features(cls_states(model.beit3, images, VISION)),
+            model.itc.text_features(cls_states(model.beit3, texts, LANGUAGE)))
+
+
 class ContrastiveOutput(NamedTuple):
     # NamedTuple for the same reason as MDMOutput (ZeRO-3 sees inside it).
     loss: torch.Tensor    # scalar: this rank's share (see contrastive_loss)
@@ -147,15 +156,22 @@ class _GatherRows(torch.autograd.Function):
         return g[start:start + ctx.sizes[ctx.rank]], None, None, None
 
 
-def gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int, Sequence[int]]:
+def gather_rows(x: torch.Tensor, group,
+                sizes: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, int, Sequence[int]]:
     """(rows of every rank of `group` in rank order, with gradients back to the local rows;
     where this rank's rows start; every rank's row count). Ranks may hold different numbers of
-    rows (0 included): the counts are gathered first (one small collective and a host sync)."""
+    rows (0 included): the counts are gathered first (one small collective and a host sync),
+    unless the caller knows them already (`sizes`, every rank's, in rank order)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-    counts = [torch.empty_like(n) for _ in range(world)]
-    dist.all_gather(counts, n, group=group)
-    sizes = tuple(int(c) for c in counts)
+    if sizes is None:
+        n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+        counts = [torch.empty_like(n) for _ in range(world)]
+        dist.all_gather(counts, n, group=group)
+        sizes = tuple(int(c) for c in counts)
+    sizes = tuple(sizes)
+    if len(sizes) != world or sizes[rank] != x.shape[0]:
+        raise ValueError(f"row counts {sizes} do not fit a group of {world} ranks where this "
+                         f"rank (rank {rank}) holds {x.shape[0]} rows")
     if sum(sizes) == 0:
         raise ValueError("no rank of the group holds a pair: the contrastive loss is empty")
     return _GatherRows.apply(x, group, sizes, rank), sum(sizes[:rank]), sizes
@@ -232,8 +248,7 @@ class ContrastiveModel(nn.Module):
 
     def features(self, images: PackedBatch, texts: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """([n, D], [n, D]) unit vectors of the images of `images` and the texts of `texts`."""
-        return (self.itc.image_features(cls_states(self.beit3, images, VISION)),
-                self.itc.text_features(cls_states(self.beit3, texts, LANGUAGE)))
+        return dual_encoder_features(self, images, texts)
 
     def forward(self, images: PackedBatch, texts: PackedBatch) -> ContrastiveOutput:
         if images.num_samples != texts.num_samples:

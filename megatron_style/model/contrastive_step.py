@@ -35,9 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_style.batch import LANGUAGE, VISION
-from megatron_style.model.contrastive import (MAX_SCALE, ContrastiveOutput, cls_states,
-                                              gather_rows)
+from megatron_style.model.contrastive import (MAX_SCALE, ContrastiveOutput,
+                                              dual_encoder_features, gather_rows)
 
 
 class StepFeatures(NamedTuple):
@@ -69,9 +68,7 @@ def pair_features(model, views, seed: Optional[int] = None) -> torch.Tensor:
     random stream, so that the two passes draw the same drop-path numbers and the run's own
     stream is left as it was."""
     def run() -> torch.Tensor:
-        img = model.itc.image_features(cls_states(model.beit3, views.images, VISION))
-        txt = model.itc.text_features(cls_states(model.beit3, views.texts, LANGUAGE))
-        return torch.cat([img, txt], dim=1)
+        return torch.cat(dual_encoder_features(model, views.images, views.texts), dim=1)
 
     if seed is None:
         return run()
@@ -107,7 +104,7 @@ def step_features(features: list[torch.Tensor], group: Optional[dist.ProcessGrou
         dist.all_gather(parts, counts, group=group)
         sizes = tuple(tuple(int(c) for c in p) for p in parts)
         with torch.no_grad():
-            gathered, _, _ = gather_rows(local, group)
+            gathered, _, _ = gather_rows(local, group, sizes=[sum(p) for p in sizes])
         rank = dist.get_rank(group)
     if sum(map(sum, sizes)) == 0:
         raise ValueError("no rank holds a pair in any micro-batch of the step: the "
@@ -135,7 +132,9 @@ def step_contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: tor
                          "the two passes must see the same micro-batches")
     W, N = len(sizes), sum(map(sum, sizes))
     local = torch.cat([img, txt], dim=1).float()
-    live = gather_rows(local, group)[0] if W > 1 and sum(s[k] for s in sizes) else local
+    # every rank's count of micro-batch k is known from pass 1: no count collective here
+    live = (gather_rows(local, group, sizes=[s[k] for s in sizes])[0]
+            if W > 1 and sum(s[k] for s in sizes) else local)
     rank_start = [sum(map(sum, sizes[:q])) for q in range(W)]
     idx = torch.cat([torch.arange(rank_start[q] + sum(sizes[q][:k]),
                                   rank_start[q] + sum(sizes[q][:k + 1])) for q in range(W)])

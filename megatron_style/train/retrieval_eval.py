@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from megatron_style.batch import LANGUAGE, VISION, PackedBatch, Sample, pack_samples
+from megatron_style.batch import PackedBatch, Sample, pack_samples
 from megatron_style.config import PretrainConfig
 
 
@@ -39,7 +39,7 @@ def pair_features(model, pairs: Sequence[Sample], cfg: PretrainConfig,
                   batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """([N, D], [N, D]) L2-normalised ITC features of the pairs' images and texts (fp32, on the
     model's device). `model`: a MaskedDataModel with `itc` heads or a ContrastiveModel."""
-    from megatron_style.model.contrastive import cls_states
+    from megatron_style.model.contrastive import dual_encoder_features
     if not hasattr(model, "itc"):
         raise ValueError("retrieval needs the ITC heads (vision_head, language_head): this "
                          "model was trained without objective.itc")
@@ -50,8 +50,9 @@ def pair_features(model, pairs: Sequence[Sample], cfg: PretrainConfig,
                                        for s in chunk], cfg.model))
         texts = prepare(pack_samples([Sample(text=s.text, source=s.source) for s in chunk],
                                      cfg.model))
-        img.append(model.itc.image_features(cls_states(model.beit3, images, VISION)).float())
-        txt.append(model.itc.text_features(cls_states(model.beit3, texts, LANGUAGE)).float())
+        i, t = dual_encoder_features(model, images, texts)
+        img.append(i.float())
+        txt.append(t.float())
     return torch.cat(img), torch.cat(txt)
 
 
